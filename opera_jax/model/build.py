@@ -1,0 +1,51 @@
+"""Creating a Qwen3 directly in its final sharding.
+
+`abstract_model` gives shapes, dtypes and logical axes without allocating anything;
+`init_model` draws random weights inside one jit whose `out_shardings` put every parameter on
+its mesh shard, so no device ever holds an unsharded copy.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh, SingleDeviceSharding
+
+from opera_jax import sharding as sh
+from opera_jax.model.config import Qwen3Config
+from opera_jax.model.qwen3 import Qwen3
+
+
+def model_kwargs(*, dtype="float32", param_dtype=None, attention_impl=None, remat=False) -> dict:
+    """Normalised keyword arguments for `Qwen3(...)`; param_dtype defaults to dtype."""
+    dtype = jnp.dtype(dtype)
+    return dict(dtype=dtype, param_dtype=jnp.dtype(param_dtype or dtype),
+                attention_impl=attention_impl, remat=remat)
+
+
+def abstract_model(config: Qwen3Config, **kwargs) -> Qwen3:
+    """A Qwen3 whose parameters are ShapeDtypeStructs (nothing allocated)."""
+    return nnx.eval_shape(lambda: Qwen3(config, rngs=nnx.Rngs(0), **model_kwargs(**kwargs)))
+
+
+def param_shardings(model: Qwen3, mesh: Mesh | None):
+    """Sharding of every parameter: by logical axes on `mesh`, or device 0 without one."""
+    state = nnx.state(model)
+    if mesh is None:
+        dev = SingleDeviceSharding(jax.devices()[0])
+        return jax.tree.map(lambda _: dev, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return sh.state_shardings(state, mesh)
+
+
+def init_model(config: Qwen3Config, *, mesh: Mesh | None = None, seed: int = 0, **kwargs) -> Qwen3:
+    """A randomly initialised Qwen3 (normal(0, 0.02) weights, unit norms), created sharded."""
+    abstract = abstract_model(config, **kwargs)
+    graphdef, _ = nnx.split(abstract)
+
+    def create(key):
+        return nnx.state(Qwen3(config, rngs=nnx.Rngs(params=key), **model_kwargs(**kwargs)))
+
+    # Each parameter is born on its shard: out_shardings is a prefix tree of the state.
+    state = jax.jit(create, out_shardings=param_shardings(abstract, mesh))(jax.random.key(seed))
+    return nnx.merge(graphdef, state)

@@ -1,0 +1,273 @@
+"""The Qwen3 decoder in Flax NNX.
+
+Axis letters, used in einsum strings, shape comments and logical sharding names:
+  B batch, T query length, S key length (cache slots), N query heads, K kv heads,
+  G query heads per kv head, H head dim, D model dim, F ffn dim, V vocab, L layers.
+
+Matches Hugging Face `Qwen3ForCausalLM`: RMSNorm (float32 statistics), grouped-query attention
+with a per-head RMSNorm on q and k before rotary embeddings (rotate-half layout), SwiGLU MLP,
+tied or untied LM head, no biases.
+
+Masking (see attention.py): tokens attend causally (by slot) to keys with the same nonzero
+segment id. Segment id 0 marks padding; distinct ids separate packed sequences. Left padding =
+segment 0 on the pads, 1 elsewhere, with positions counting from the first real token.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from opera_jax.model import attention as attn_lib
+from opera_jax.model.config import Qwen3Config
+from opera_jax.model.logprobs import token_logprobs
+from opera_jax.sharding import constrain
+
+
+def _param(rngs: nnx.Rngs, shape, names, dtype, *, std: float = 0.02, ones: bool = False):
+    value = jnp.ones(shape, dtype) if ones else std * jax.random.normal(rngs.params(), shape, dtype)
+    return nnx.Param(value, logical_axes=names)
+
+
+class RMSNorm(nnx.Module):
+    """x · rsqrt(mean(x²) + eps) · scale, statistics in float32 (as HF Qwen3RMSNorm)."""
+
+    def __init__(self, dim: int, eps: float, *, param_dtype, rngs: nnx.Rngs, names=("norm",)):
+        self.eps = eps
+        self.scale = _param(rngs, (dim,), names, param_dtype, ones=True)
+
+    def __call__(self, x):
+        dtype = x.dtype
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(dtype) * xf.astype(dtype)
+
+
+def rotary(x, positions, theta: float):
+    """Rotary embedding, HF rotate-half layout. x: [B, T, N, H]; positions: int [B, T]."""
+    h = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))  # [H/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Preallocated keys/values of every layer.
+
+    Slots [0, end) are written; new tokens go to [end, end + T). `segment_ids` gives each slot's
+    segment (0 = empty or masked): callers may replace it to hide slots (e.g. cut a context).
+    """
+
+    k: jax.Array  # [L, B, S, K, H]
+    v: jax.Array  # [L, B, S, K, H]
+    segment_ids: jax.Array  # int32 [B, S]
+    end: jax.Array  # int32 [] — slots written so far (shared by all rows)
+
+    @classmethod
+    def init(cls, config: Qwen3Config, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
+        shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads,
+                 config.head_dim)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                   segment_ids=jnp.zeros((batch, max_len), jnp.int32),
+                   end=jnp.zeros((), jnp.int32))
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    LOGICAL_AXES = ("layers", "batch", "cache_seq", "act_kv_heads", "head_dim")
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: Qwen3Config, *, dtype, param_dtype, attention_impl, rngs: nnx.Rngs):
+        d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.dtype = dtype
+        self.attention_impl = attention_impl
+        self.rope_theta = cfg.rope_theta
+        self.q_proj = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), param_dtype)
+        self.k_proj = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), param_dtype)
+        self.v_proj = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), param_dtype)
+        self.o_proj = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), param_dtype)
+        self.q_norm = RMSNorm(h, cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs,
+                              names=("head_dim",))
+        self.k_norm = RMSNorm(h, cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs,
+                              names=("head_dim",))
+
+    def __call__(self, x, *, positions, segment_ids, mask, layer_cache, prefill_causal):
+        """x: [B, T, D].
+
+        layer_cache: None, or (k_all [L,B,S,K,H], v_all, layer index, kv_segment_ids [B,S],
+        end). The new keys/values are written into the stacked buffers in place (one
+        dynamic-update-slice each) and the updated stacks are returned.
+        """
+        dt = self.dtype
+        q = jnp.einsum("BTD,DNH->BTNH", x, self.q_proj[...].astype(dt))
+        k = jnp.einsum("BTD,DKH->BTKH", x, self.k_proj[...].astype(dt))
+        v = jnp.einsum("BTD,DKH->BTKH", x, self.v_proj[...].astype(dt))
+        q = rotary(self.q_norm(q), positions, self.rope_theta)
+        k = rotary(self.k_norm(k), positions, self.rope_theta)
+        q = constrain(q, ("batch", "seq", "act_heads", "head_dim"))
+        k = constrain(k, ("batch", "seq", "act_kv_heads", "head_dim"))
+        b, t = x.shape[:2]
+        if layer_cache is None:
+            slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            keys, values, kv_seg, kv_slots, q_slots = k, v, segment_ids, slots, slots
+            new_kv = None
+        else:
+            ck, cv, i, kv_seg, end = layer_cache
+            zero = jnp.zeros((), jnp.int32)
+            start = (jnp.int32(i), zero, end, zero, zero)
+            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype)[None], start)
+            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype)[None], start)
+            s = ck.shape[2]
+            kv_slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+            q_slots = end + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            new_kv = (ck, cv)
+            keys, values = ck[i].astype(dt), cv[i].astype(dt)
+        out = attn_lib.attention(q, keys, values, q_segment_ids=segment_ids,
+                                 kv_segment_ids=kv_seg, q_slots=q_slots, kv_slots=kv_slots,
+                                 mask=mask, impl=self.attention_impl,
+                                 prefill_causal=prefill_causal)  # [B, T, N, H]
+        y = jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(dt))
+        return y, new_kv
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: Qwen3Config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.dtype = dtype
+        self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), param_dtype)
+        self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), param_dtype)
+        self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), param_dtype)
+
+    def __call__(self, x):  # [B, T, D]
+        dt = self.dtype
+        gate = jnp.einsum("BTD,DF->BTF", x, self.gate_proj[...].astype(dt))
+        up = jnp.einsum("BTD,DF->BTF", x, self.up_proj[...].astype(dt))
+        h = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "act_mlp"))
+        return jnp.einsum("BTF,FD->BTD", h, self.down_proj[...].astype(dt))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: Qwen3Config, *, dtype, param_dtype, attention_impl, rngs: nnx.Rngs):
+        kw = dict(param_dtype=param_dtype, rngs=rngs)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.self_attn = Attention(cfg, dtype=dtype, attention_impl=attention_impl, **kw)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+        self.mlp = MLP(cfg, dtype=dtype, **kw)
+
+    def __call__(self, x, *, positions, segment_ids, mask, layer_cache, prefill_causal):
+        h, new_kv = self.self_attn(self.input_layernorm(x), positions=positions,
+                                   segment_ids=segment_ids, mask=mask, layer_cache=layer_cache,
+                                   prefill_causal=prefill_causal)
+        x = x + h
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return constrain(x, ("batch", "seq", "act_embed")), new_kv
+
+
+def positions_from_segment_ids(segment_ids: jax.Array) -> jax.Array:
+    """Position of each token within its segment: [B, T] → [B, T] (pads: 0 before the first)."""
+    same = segment_ids[:, 1:] == segment_ids[:, :-1]
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool), ~same], axis=1)
+    idx = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)
+    start_idx = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+    return idx - start_idx
+
+
+class Qwen3(nnx.Module):
+    """Qwen3 decoder LM.
+
+    Args:
+      config: architecture.
+      dtype: compute dtype (activations, matmul inputs). Softmax, norms' statistics and
+        log-probs are float32 regardless.
+      param_dtype: storage dtype of the parameters.
+      attention_impl: "xla" | "cudnn" | "splash" | None (platform default).
+      remat: rematerialise each layer in the backward pass (saves activation memory).
+    """
+
+    def __init__(self, config: Qwen3Config, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 attention_impl: str | None = None, remat: bool = False, rngs: nnx.Rngs):
+        self.config = config
+        self.dtype = jnp.dtype(dtype)
+        self.remat = remat
+        d, v = config.hidden_size, config.vocab_size
+        self.embed_tokens = _param(rngs, (v, d), ("vocab", "embed"), param_dtype)
+        self.layers = nnx.List([
+            DecoderLayer(config, dtype=self.dtype, param_dtype=param_dtype,
+                         attention_impl=attention_impl, rngs=rngs)
+            for _ in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(d, config.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
+        self.lm_head = None if config.tie_word_embeddings else _param(
+            rngs, (d, v), ("embed", "vocab"), param_dtype)
+
+    def head_weight(self) -> jax.Array:
+        """[D, V] output projection in the compute dtype."""
+        w = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
+        return w.astype(self.dtype)
+
+    def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None, mask: jax.Array | None = None,
+                 cache: KVCache | None = None, return_hidden: bool = False) -> Any:
+        """Runs the decoder.
+
+        Args:
+          tokens: int32 [B, T].
+          positions: int [B, T] rotary positions. Default: position within the segment when
+            `segment_ids` is given, else 0..T-1 (plus `cache.end` with a cache).
+          segment_ids: int [B, T]; 0 = padding. Default: all ones.
+          mask: optional bool [B, T, S] ANDed with the causal/segment mask (S = T without a
+            cache, the cache length with one).
+          cache: a KVCache; the new keys/values are written at slots [end, end + T).
+          return_hidden: return final-normed hidden states [B, T, D] instead of logits.
+        Returns:
+          logits float32 [B, T, V] (or hidden [B, T, D]); with a cache, (that, new_cache).
+        """
+        b, t = tokens.shape
+        prefill_causal = segment_ids is None and mask is None and cache is None and positions is None
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
+        if positions is None:
+            if cache is not None:
+                positions = cache.end + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+            else:
+                positions = positions_from_segment_ids(segment_ids)
+        x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(self.dtype)  # [B, T, D]
+        x = constrain(x, ("batch", "seq", "act_embed"))
+
+        if cache is not None:
+            kv_seg = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32),
+                                                  (0, cache.end))
+            ck, cv = cache.k, cache.v
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else (ck, cv, i, kv_seg, cache.end)
+            kwargs = dict(positions=positions, segment_ids=segment_ids, mask=mask,
+                          layer_cache=layer_cache, prefill_causal=prefill_causal)
+            if self.remat and cache is None:
+                x, kv = nnx.remat(lambda lyr, y: lyr(y, **kwargs))(layer, x)
+            else:
+                x, kv = layer(x, **kwargs)
+            if kv is not None:
+                ck, cv = kv
+        x = self.norm(x)
+        out = x if return_hidden else jnp.einsum(
+            "BTD,DV->BTV", x, self.head_weight(), preferred_element_type=jnp.float32)
+        if cache is None:
+            return out
+        new_cache = KVCache(k=ck, v=cv, segment_ids=kv_seg, end=cache.end + t)
+        return out, new_cache
+
+    def logprobs(self, hidden: jax.Array, targets: jax.Array, *, chunk_size: int = 512,
+                 temperature: float | jax.Array = 1.0, return_entropy: bool = False):
+        """float32 log p(targets) from hidden states [B, T, D]; see logprobs.token_logprobs."""
+        return token_logprobs(hidden, targets, self.head_weight(), chunk_size=chunk_size,
+                              temperature=temperature, return_entropy=return_entropy)

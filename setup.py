@@ -1,0 +1,40 @@
+"""opera_jax: OPERA (perplexity-based reflective alignment) for Qwen3 in JAX / Flax NNX."""
+
+from setuptools import find_packages, setup
+
+# Ranges cover jax 0.10.x (PyPI wheels for Python 3.11) and 0.11.x (the CUDA 13 GPU image).
+JAX = "jax>=0.10.0,<0.12"
+
+setup(
+    name="opera_jax",
+    version="0.1.0",
+    description=__doc__,
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["opera_jax", "opera_jax.*"]),
+    package_data={"opera_jax": ["assets/tiny_tokenizer/*"]},
+    install_requires=[
+        JAX,
+        "flax>=0.12.0,<0.13",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11.0",
+        "transformers>=4.51.0",  # first release with Qwen3
+        "tokenizers>=0.21",
+        "safetensors>=0.4",
+        "einops>=0.8",
+        "ml_collections>=1.0",
+        "grain>=0.2.10",
+        "numpy>=1.26",
+        "tqdm>=4.66",
+        "tensorboardX>=2.6",
+        "matplotlib>=3.8",
+    ],
+    extras_require={
+        "cuda": ["jax[cuda13]>=0.10.0,<0.12"],
+        "cuda12": ["jax[cuda12]>=0.10.0,<0.12"],
+        "tpu": ["jax[tpu]>=0.10.0,<0.12"],
+        # torch is the CPU build pinned on purpose: the reference in parity tests only.
+        "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.13.0"],
+    },
+)
