@@ -93,15 +93,20 @@ def _cudnn_attention(q, k, v):
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
 
 
-def _splash_attention(q, k, v, q_segment_ids, kv_segment_ids):
-    """Pallas splash attention (TPU), causal with segment ids; q,k,v [B, T, N, H]."""
+def splash_attention(q, k, v, q_segment_ids, kv_segment_ids, *, interpret: bool = False):
+    """Pallas splash attention (TPU), causal with segment ids; q [B, T, N, H], k/v [B, T, K, H].
+
+    Differs from the xla path only on padding rows (segment 0), whose outputs are unused:
+    splash lets pads attend to pads where xla returns zeros. `interpret=True` runs the kernel
+    in the Pallas interpreter (any platform; tests).
+    """
     from jax.experimental.pallas.ops.tpu.splash_attention import (
         splash_attention_kernel as sk, splash_attention_mask as sm)
 
     b, t, n, h = q.shape
     kh = k.shape[2]
     mask = sm.MultiHeadMask([sm.CausalMask((t, t)) for _ in range(n)])
-    kernel = sk.make_splash_mqa_single_device(mask) if kh == 1 else sk.make_splash_mha_single_device(mask)
+    kernel = sk.make_splash_mha_single_device(mask, interpret=interpret)
     # splash wants [N, T, H] per example and expects pre-scaled q.
     qt = jnp.swapaxes(q * (h ** -0.5), 1, 2)
     kt = jnp.swapaxes(jnp.repeat(k, n // kh, axis=2), 1, 2)
@@ -134,7 +139,7 @@ def attention(q, k, v, *, q_segment_ids, kv_segment_ids, q_slots, kv_slots, mask
         if reason is None:
             if impl is AttentionImpl.CUDNN:
                 return _cudnn_attention(q, k, v)
-            return _splash_attention(q, k, v, q_segment_ids, kv_segment_ids)
+            return splash_attention(q, k, v, q_segment_ids, kv_segment_ids)
         _warn_once(impl.value, reason)
     return xla_attention(q, k, v, build_mask(q_segment_ids, kv_segment_ids, q_slots, kv_slots,
                                              mask))
@@ -162,5 +167,7 @@ def _unsupported(impl: AttentionImpl, q, k, mask, prefill_causal: bool) -> str |
             return "splash takes causal self-attention with segment ids only"
         if q.shape[1] % 128:
             return f"sequence length {q.shape[1]} is not a multiple of 128"
+        if q.shape[-1] % 128:
+            return f"head_dim {q.shape[-1]} is not a multiple of 128"
         return None
     return None
