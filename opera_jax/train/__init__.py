@@ -1,0 +1,1 @@
+"""Training: state and optimizer, checkpoints, metrics, SFT and GRPO loops and losses."""

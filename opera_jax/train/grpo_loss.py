@@ -1,0 +1,126 @@
+"""GRPO advantages and the PPO-style policy loss with the OPERA settings (OPERA_METHOD.md §3).
+
+What is kept, exactly:
+  * advantage: per group of G responses to one prompt, A = (R − mean) / (std + eps) with the
+    unbiased std; one scalar per response, applied to every response token. A group whose
+    rewards are all equal, and a group of one (G = 1, std undefined), get A = 0.
+  * policy term: ratio = exp(clamp(logπ − logπ_old, ±20)); the PPO clipped surrogate
+    max(−A·ratio, −A·clip(ratio, 1 − ε_low, 1 + ε_high)); for A < 0 the dual clip caps it at
+    −A·c (c = 3), so a huge ratio on a bad token cannot blow up the loss.
+  * KL term: the "low-variance" k3 estimator to the frozen reference, as a loss term:
+    d = clamp(logπ_ref − logπ, ±20); kl = clamp(exp(d) − d − 1, −10, 10); weight β = 0.001.
+    No KL in the reward, no entropy bonus.
+  * aggregation: token-mean — the sum over every response token of the mini-batch divided by
+    the number of those tokens (long responses weigh more than short ones; the published run,
+    with micro-batches of one sequence, averaged per sequence instead: `seq-mean-token-mean`
+    is available as `aggregation="seq_mean"`).
+Everything here is float32: ratios and exp of log-prob differences are not safe in bf16.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOLossConfig:
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: float = 3.0  # c > 1; None-like values (<= 1) are rejected
+    log_ratio_clamp: float = 20.0
+    kl_coef: float = 0.001
+    kl_clamp: float = 10.0
+    aggregation: str = "token_mean"  # or "seq_mean"
+
+    def __post_init__(self):
+        if self.dual_clip <= 1.0:
+            raise ValueError(f"dual_clip must be > 1, got {self.dual_clip}")
+        if self.aggregation not in ("token_mean", "seq_mean"):
+            raise ValueError(f"aggregation must be 'token_mean' or 'seq_mean', got {self.aggregation!r}")
+
+
+def group_advantages(rewards, group_ids, *, eps: float = 1e-6) -> np.ndarray:
+    """Per-response GRPO advantages (host side, float32).
+
+    Args:
+      rewards: [R] rewards of R responses.
+      group_ids: [R] the prompt (group) each response belongs to; any hashable ids.
+    Returns:
+      [R] float32: (r − group mean) / (unbiased group std + eps); 0 for groups of size 1 and
+      for groups whose rewards are all equal.
+    """
+    rewards = np.asarray(rewards, np.float64)
+    if not np.all(np.isfinite(rewards)):
+        bad = int(np.flatnonzero(~np.isfinite(rewards))[0])
+        raise ValueError(f"reward of response {bad} is {rewards[bad]}")
+    out = np.zeros_like(rewards)
+    ids = np.asarray(group_ids)
+    for g in np.unique(ids):
+        idx = np.flatnonzero(ids == g)
+        if len(idx) < 2:
+            continue
+        r = rewards[idx]
+        std = r.std(ddof=1)
+        if std == 0.0:
+            continue
+        out[idx] = (r - r.mean()) / (std + eps)
+    return out.astype(np.float32)
+
+
+def low_var_kl(logp, ref_logp, *, clamp: float = 10.0):
+    """k3 estimator of KL(π ‖ π_ref) per token: exp(d) − d − 1 with d = logπ_ref − logπ."""
+    d = jnp.clip(ref_logp - logp, -20.0, 20.0)
+    return jnp.clip(jnp.exp(d) - d - 1.0, -clamp, clamp)
+
+
+def _aggregate(x, mask, aggregation):
+    if aggregation == "token_mean":
+        return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    per_seq = jnp.sum(x * mask, -1) / jnp.maximum(jnp.sum(mask, -1), 1.0)
+    has = (jnp.sum(mask, -1) > 0).astype(jnp.float32)
+    return jnp.sum(per_seq * has) / jnp.maximum(jnp.sum(has), 1.0)
+
+
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, config: GRPOLossConfig = GRPOLossConfig()):
+    """The GRPO/OPERA loss over a mini-batch of responses.
+
+    Args:
+      logp: [B, T] float32 log π(token) under the current parameters (differentiated).
+      old_logp: [B, T] log-probs under the rollout parameters (constants).
+      ref_logp: [B, T] log-probs under the frozen reference, or None for no KL term.
+      advantages: [B] one advantage per response.
+      mask: [B, T] 1 on response tokens, 0 on prompt and padding.
+      config: clip / KL / aggregation settings.
+    Returns:
+      (loss scalar, metrics dict of scalars: pg_loss, kl, clip_frac, dual_clip_frac,
+       ratio_mean, approx_kl_old).
+    """
+    mask = mask.astype(jnp.float32)
+    adv = advantages.astype(jnp.float32)[:, None]
+    log_ratio = jnp.clip(logp - old_logp, -config.log_ratio_clamp, config.log_ratio_clamp)
+    ratio = jnp.exp(log_ratio)
+    pg1 = -adv * ratio
+    pg2 = -adv * jnp.clip(ratio, 1.0 - config.clip_low, 1.0 + config.clip_high)
+    clipped = jnp.maximum(pg1, pg2)
+    pg3 = -adv * config.dual_clip
+    pg = jnp.where(adv < 0, jnp.minimum(clipped, pg3), clipped)
+    pg_loss = _aggregate(pg, mask, config.aggregation)
+    loss = pg_loss
+    kl = jnp.zeros(())
+    if ref_logp is not None and config.kl_coef:
+        kl = _aggregate(low_var_kl(logp, ref_logp, clamp=config.kl_clamp), mask, config.aggregation)
+        loss = loss + config.kl_coef * kl
+    n = jnp.maximum(jnp.sum(mask), 1.0)
+    metrics = {
+        "pg_loss": pg_loss,
+        "kl": kl,
+        "clip_frac": jnp.sum((pg2 > pg1) * mask) / n,
+        "dual_clip_frac": jnp.sum(((adv < 0) & (clipped > pg3)) * mask) / n,
+        "ratio_mean": jnp.sum(ratio * mask) / n,
+        "approx_kl_old": jnp.sum(0.5 * jnp.square(log_ratio) * mask) / n,
+    }
+    return loss, jax.tree.map(jax.lax.stop_gradient, metrics)
