@@ -95,3 +95,24 @@ def test_bfloat16_load_is_close(hf_tiny):
     # bf16 has 8 mantissa bits: agree to a few percent of the logit scale, and on the argmax
     assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
     assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.9
+
+
+def test_remat_gives_the_same_gradients(hf_tiny):
+    import jax
+    from flax import nnx
+
+    ids = jnp.asarray(np.random.RandomState(6).randint(0, 1024, (2, 9)), jnp.int32)
+    grads = []
+    for remat in (False, True):
+        model, _ = load_pretrained(hf_tiny[0], remat=remat)
+        graphdef, params = nnx.split(model)
+
+        def loss(params):
+            m = nnx.merge(graphdef, params)
+            return -m.logprobs(m(ids[:, :-1], return_hidden=True), ids[:, 1:]).mean()
+
+        grads.append(jax.jit(jax.grad(loss))(params))
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    # and the gradient is not trivially zero
+    assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads[0])) > 1e-3
