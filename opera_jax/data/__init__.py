@@ -1,0 +1,1 @@
+"""Input data: line-numbered JSONL readers, Grain pipelines, SFT tokenisation and packing."""
