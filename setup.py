@@ -25,6 +25,8 @@ setup(
         "einops>=0.8",
         "ml_collections>=1.0",
         "grain>=0.2.10",
+        "array-record>=0.8.1; sys_platform != 'win32'",  # as grain; data/records.py imports it
+        "absl-py>=1.0",  # absl flags for the training CLI (opera_jax/train/cli.py)
         "numpy>=1.26",
         "tqdm>=4.66",
         "tensorboardX>=2.6",

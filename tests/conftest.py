@@ -58,3 +58,7 @@ def hf_tiny_untied(tmp_path_factory):
     """(path, torch model) of an untied tiny Qwen3 checkpoint."""
     path = tmp_path_factory.mktemp("hf_tiny_untied")
     return str(path), make_hf_qwen3(path, tie=False, seed=1)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: heavy variants, deselect with -m 'not slow'")

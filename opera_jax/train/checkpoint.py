@@ -1,0 +1,114 @@
+"""Resumable Orbax checkpoints: train state, data position and config, saved asynchronously.
+
+One checkpoint step holds three items:
+  state   the TrainState (params, optimizer state, step, rng) — every host writes its shards
+  data    each host's Grain iterator position (`process_<i>-of-<n>.json`)
+  config  the run's config as JSON (what produced these weights)
+
+`save` returns once the arrays are copied off the device; the files are written in the
+background (`wait()` blocks until they are complete). Older steps beyond `keep` are deleted.
+`restore` puts every array straight into the sharding of the abstract target — no host ever
+holds a full unsharded copy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import grain
+import ml_collections
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+def config_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts (for a resume warning)."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key, "<absent>"), current.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict:
+    """A JSON-safe nested dict of the config (tuples become lists)."""
+    return json.loads(config.to_json_best_effort())
+
+
+class Checkpointer:
+    """Orbax CheckpointManager for train state + data iterator + config.
+
+    Args:
+      directory: where the numbered step directories go (created on first save).
+      keep: how many of the newest checkpoints to keep (None: all).
+      async_save: write files in a background thread.
+    """
+
+    def __init__(self, directory: str, *, keep: int | None = 3, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                               enable_async_checkpointing=async_save)
+        self._mngr = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        """The newest complete checkpoint's step, or None."""
+        return self._mngr.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._mngr.all_steps())
+
+    def reached_preemption(self, step: int) -> bool:
+        """True when the cluster signalled preemption: save now and stop."""
+        return self._mngr.reached_preemption(step)
+
+    def save(self, step: int, state, *, config: ml_collections.ConfigDict,
+             data_iter: grain.DatasetIterator | None = None) -> None:
+        """Starts saving `state` (and the iterator position, the config) as `step`.
+
+        The iterator's position is read now, so call this after the step's batch was taken
+        and before the next one is.
+        """
+        items = dict(state=ocp.args.StandardSave(state),
+                     config=ocp.args.JsonSave(config_to_dict(config)))
+        if data_iter is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+        self._mngr.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def restore(self, step: int, abstract_state, *,
+                data_iter: grain.DatasetIterator | None = None,
+                config: ml_collections.ConfigDict | None = None):
+        """Restores checkpoint `step` onto the shardings of `abstract_state`.
+
+        Args:
+          step: the checkpoint step (e.g. `latest_step()`).
+          abstract_state: the TrainState as ShapeDtypeStructs with `.sharding` set.
+          data_iter: repositioned in place to where the saved run stood (None: not restored).
+          config: the current config; keys that differ from the saved one are logged.
+        Returns:
+          (state, saved_config_dict).
+        """
+        items = dict(state=ocp.args.StandardRestore(abstract_state),
+                     config=ocp.args.JsonRestore())
+        if data_iter is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+        out = self._mngr.restore(step, args=ocp.args.Composite(**items))
+        if config is not None:
+            diff = config_diff(out.config, config_to_dict(config))
+            if diff:
+                log.warning("resuming step %d with a config that differs from the saved one:"
+                            "\n  %s", step, "\n  ".join(diff))
+        return out.state, out.config
+
+    def wait(self) -> None:
+        """Blocks until every started save is on disk."""
+        self._mngr.wait_until_finished()
+
+    def close(self) -> None:
+        self._mngr.wait_until_finished()
+        self._mngr.close()

@@ -1,0 +1,107 @@
+"""Training metrics: a flat dict of float scalars per logged step, written by process 0 to the
+console (a tqdm progress bar plus one line per log step), `metrics.jsonl` and TensorBoard.
+
+Every process checks the values: a NaN or Inf stops training with a `FloatingPointError` that
+names the step and the metric, before anything is checkpointed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Mapping
+
+import jax
+import tqdm
+
+
+def check_finite(step: int, metrics: Mapping[str, float]) -> None:
+    """Raises FloatingPointError naming `step` and every non-finite metric."""
+    bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+    if bad:
+        raise FloatingPointError(f"step {step}: non-finite metrics {bad}; stopping")
+
+
+class Throughput:
+    """Counts tokens between log steps; `rate()` gives tokens/s and steps/s since the last call."""
+
+    def __init__(self):
+        self._t, self._tokens, self._steps = time.perf_counter(), 0, 0
+
+    def add(self, tokens: int) -> None:
+        self._tokens += int(tokens)
+        self._steps += 1
+
+    def rate(self) -> dict[str, float]:
+        now = time.perf_counter()
+        dt = max(now - self._t, 1e-9)
+        out = {"tokens_per_s": self._tokens / dt, "steps_per_s": self._steps / dt}
+        self._t, self._tokens, self._steps = now, 0, 0
+        return out
+
+
+class MetricsWriter:
+    """Console + JSONL + TensorBoard for one run.
+
+    Args:
+      workdir: `metrics.jsonl` and `tb/` go here (appended to on resume).
+      total_steps: the progress bar's total.
+      initial_step: the step training resumes from (the bar starts there).
+      enabled: whether this process writes; default `jax.process_index() == 0`.
+      console: show the progress bar and metric lines.
+    """
+
+    def __init__(self, workdir: str, *, total_steps: int, initial_step: int = 0,
+                 enabled: bool | None = None, console: bool = True):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self._jsonl = self._tb = self._bar = None
+        if not self.enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+        import tensorboardX  # only process 0 needs it
+
+        self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tb"))
+        if console:
+            self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, unit="step",
+                                  dynamic_ncols=True)
+
+    def advance(self, steps: int = 1) -> None:
+        """Moves the progress bar (cheap: no device sync)."""
+        if self._bar is not None:
+            self._bar.update(steps)
+
+    def write(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Checks and writes one step's metrics (host floats: device_get them first).
+
+        Raises:
+          FloatingPointError: a metric is NaN or Inf (on every process).
+        """
+        metrics = {k: float(v) for k, v in metrics.items()}
+        check_finite(step, metrics)
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._jsonl.flush()
+        for k, v in metrics.items():
+            self._tb.add_scalar(k, v, step)
+        self._tb.flush()
+        if self._bar is not None:
+            short = {k: f"{v:.4g}" for k, v in metrics.items()}
+            self._bar.set_postfix({k: short[k] for k in ("loss", "tokens_per_s") if k in short},
+                                  refresh=False)
+            self._bar.write(f"step {step}: " + ", ".join(f"{k}={v}" for k, v in short.items()))
+
+    def close(self) -> None:
+        for f in (self._bar, self._jsonl, self._tb):
+            if f is not None:
+                f.close()
+        self._bar = self._jsonl = self._tb = None
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    """The rows of `workdir/metrics.jsonl` (for tests and benchmarks)."""
+    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
