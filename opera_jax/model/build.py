@@ -7,6 +7,8 @@ its mesh shard, so no device ever holds an unsharded copy.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -40,12 +42,19 @@ def param_shardings(model: Qwen3, mesh: Mesh | None):
 
 def init_model(config: Qwen3Config, *, mesh: Mesh | None = None, seed: int = 0, **kwargs) -> Qwen3:
     """A randomly initialised Qwen3 (normal(0, 0.02) weights, unit norms), created sharded."""
-    abstract = abstract_model(config, **kwargs)
+    graphdef, create = _sharded_init(config, mesh, tuple(sorted(model_kwargs(**kwargs).items())))
+    return nnx.merge(graphdef, create(jax.random.key(seed)))
+
+
+@functools.lru_cache(maxsize=8)
+def _sharded_init(config: Qwen3Config, mesh: Mesh | None, kwargs: tuple):
+    """(graphdef, jitted key -> state), cached so repeated inits reuse one compilation."""
+    kwargs = dict(kwargs)
+    abstract = nnx.eval_shape(lambda: Qwen3(config, rngs=nnx.Rngs(0), **kwargs))
     graphdef, _ = nnx.split(abstract)
 
     def create(key):
-        return nnx.state(Qwen3(config, rngs=nnx.Rngs(params=key), **model_kwargs(**kwargs)))
+        return nnx.state(Qwen3(config, rngs=nnx.Rngs(params=key), **kwargs))
 
     # Each parameter is born on its shard: out_shardings is a prefix tree of the state.
-    state = jax.jit(create, out_shardings=param_shardings(abstract, mesh))(jax.random.key(seed))
-    return nnx.merge(graphdef, state)
+    return graphdef, jax.jit(create, out_shardings=param_shardings(abstract, mesh))
