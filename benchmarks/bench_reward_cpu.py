@@ -1,0 +1,104 @@
+"""Reward kernel vs the naive path (one forward per context) on CPU, tiny Qwen3 preset.
+
+    /work/venv/bin/python benchmarks/bench_reward_cpu.py            # batch 8, y 512, K 16, a 128
+    /work/venv/bin/python benchmarks/bench_reward_cpu.py --repeats 5 --prompt 64
+
+Random-weight tiny model (float32), random token ids; the K paragraph cuts are spread over the
+response at random. Checks that both paths give the same LP values (max |diff|), then times
+each after one warm-up call (compilation excluded), in interleaved rounds, and prints a
+table. "naive" is one plain forward per context, `batch` contexts per call, padded to the
+longest of the call: in sample order (each call mixes short and long contexts) and sorted by
+length (the fairest batching of the naive path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from opera_jax.model import Qwen3, Qwen3Config  # noqa: E402
+from opera_jax.reward import (Context, RewardConfig, naive_reference_logprobs,  # noqa: E402
+                              reference_logprobs)
+
+
+def make_inputs(rng, *, batch, prompt, response, segments, reference, vocab):
+    """Random prompt + response ids, reference ids and contexts [full, initial, K cuts]."""
+    sequences, references, contexts = [], [], []
+    for _ in range(batch):
+        sequences.append(rng.integers(0, vocab, prompt + response).tolist())
+        references.append(rng.integers(0, vocab, reference).tolist())
+        cuts = np.sort(rng.choice(np.arange(2, response), segments - 1, replace=False))
+        ctx = [Context(prompt + response), Context(prompt + 1)]
+        ctx += [Context(prompt + int(c)) for c in cuts] + [Context(prompt + response - 1)]
+        contexts.append(ctx)
+    return sequences, references, contexts
+
+
+def timed(fns: dict, repeats: int) -> dict:
+    """Median and min seconds of each function; rounds interleave the functions so that load
+    from other processes on the machine hits all of them alike."""
+    for fn in fns.values():
+        fn()  # warm-up: compiles every bucket shape
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: (statistics.median(t), min(t)) for name, t in times.items()}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--prompt", type=int, default=64)
+    ap.add_argument("--response", type=int, default=512)
+    ap.add_argument("--segments", type=int, default=16)
+    ap.add_argument("--reference", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--contexts-per-step", type=int, default=16)
+    args = ap.parse_args()
+
+    cfg = Qwen3Config.preset("tiny")
+    model = Qwen3(cfg, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    inputs = make_inputs(rng, batch=args.batch, prompt=args.prompt, response=args.response,
+                         segments=args.segments, reference=args.reference, vocab=cfg.vocab_size)
+    config = RewardConfig(batch_size=args.batch, contexts_per_step=args.contexts_per_step)
+    n_ctx = sum(len(c) for c in inputs[2])
+
+    def kernel():
+        return reference_logprobs(model, *inputs, config=config)
+
+    def naive(sort=False):
+        return naive_reference_logprobs(model, *inputs, rows_per_call=args.batch,
+                                        sort_by_length=sort)
+
+    diff = max(float(np.abs(a - b).max()) for a, b in zip(kernel(), naive()))
+    print(f"devices: {jax.devices()}  contexts: {n_ctx}  max |kernel - naive| = {diff:.2e}")
+    assert diff <= 1e-5, diff
+
+    t = timed({"naive, rows in sample order": naive,
+               "naive, rows sorted by length": lambda: naive(sort=True),
+               "kernel": kernel}, args.repeats)
+    print(f"\nbatch {args.batch}, prompt {args.prompt}, response {args.response}, "
+          f"K {args.segments}, reference {args.reference} (float32, tiny preset, "
+          f"median of {args.repeats})")
+    print("| path | median s | min s | contexts/s | kernel speed-up (median) |")
+    print("|---|---|---|---|---|")
+    t_kernel = t["kernel"][0]
+    for name, (med, low) in t.items():
+        print(f"| {name} | {med:.3f} | {low:.3f} | {n_ctx / med:.0f} | {med / t_kernel:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

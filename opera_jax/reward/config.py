@@ -1,0 +1,123 @@
+"""Frozen config of the OPERA reward (OPERA_METHOD.md, sections 1–2).
+
+Defaults are the published settings, except `keyword_match` (whole words; `SUBSTRING`
+reproduces the published test). Enum fields also accept their string values, so an
+ml_collections config can hold plain strings:
+
+    RewardConfig(keyword_match="substring", scorer="reference")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+
+# Published reflection keywords, matched case-insensitively.
+DEFAULT_KEYWORDS = ("But", "Wait", "Hmm", "However", "Wait a minute")
+
+
+class KeywordMatch(str, enum.Enum):
+    """How a reflection keyword is found in a segment's text (case-insensitive either way)."""
+
+    WORD = "word"  # whole words: "but" does not fire inside "attribute"
+    SUBSTRING = "substring"  # published: plain substring test
+
+
+class Scorer(str, enum.Enum):
+    """Which weights compute LP."""
+
+    POLICY = "policy"  # published: the actor being trained (the rollout's weights)
+    REFERENCE = "reference"  # a frozen model (the SFT checkpoint)
+
+
+class LPImpl(str, enum.Enum):
+    """How LP is computed; both give the same values up to float rounding."""
+
+    KERNEL = "kernel"  # one prefill + short reference passes (kernel.py)
+    NAIVE = "naive"  # one full forward pass per context (naive.py), for checks
+
+
+class TaskType(str, enum.Enum):
+    """Per-sample reward path."""
+
+    WRITING = "writing"  # perplexity-dynamics reward
+    MATH = "math"  # exact match of the last \\boxed{} outside the think block
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardConfig:
+    """Settings of the OPERA reward.
+
+    Attributes:
+      rank_weight: weight of the group rank term (published 0.3; 0 = reflection-only ablation).
+      reflection_weight: weight of tanh(count / 2) (published 0.7; 0 = rank-only ablation).
+      keywords: reflection keywords; a keyword with spaces ("Wait a minute") matches any
+        whitespace run between its words in `WORD` mode, the exact string in `SUBSTRING` mode.
+      keyword_match: `KeywordMatch`.
+      max_segments: cap on segments per response, or None (published: no cap). Past the cap
+        the paragraphs are not dropped: paragraphs max_segments .. K are merged into the last
+        segment, which ends where the last paragraph ends (at "</think>") and contains a keyword
+        if any of the merged paragraphs does. So c_full, c_0 and the end of the think block are
+        always scored, and a response costs at most max_segments + 2 contexts.
+      group_size: expected number of responses per group, checked when set; None accepts
+        any group size (a group of one gets rank_score 1.0).
+      scorer: `Scorer`; with REFERENCE the entry points need `reference_model=`.
+      lp_impl: `LPImpl`: the kernel, or the naive path (checks; and on GPU while the model runs
+        cached attention on XLA, see benchmarks/RESULTS.md).
+      temperature: LP is computed from softmax(logits / temperature) (published 1.0).
+      batch_size: responses per kernel call (one prefill of prompt + response for this many
+        rows); contexts per forward call on the naive path.
+      contexts_per_step: reference passes run side by side in one step of the kernel's loop.
+      cache_windows: number of static key-window sizes (~P/n, 2P/n, … P) a reference pass can
+        attend to; contexts are sorted by length and each step uses the smallest window that
+        holds its contexts (more windows: less attention to hidden slots, more compile time).
+      prefill_chunk: the prompt + response pass is run in chunks of this many tokens (bounds
+        the attention scores held at once).
+      logprob_chunk: positions per chunk of the float32 log-softmax.
+      min_bucket: smallest padded token length; lengths are padded up to buckets (16 per
+        octave) so new lengths rarely recompile.
+    """
+
+    rank_weight: float = 0.3
+    reflection_weight: float = 0.7
+    keywords: tuple[str, ...] = DEFAULT_KEYWORDS
+    keyword_match: KeywordMatch = KeywordMatch.WORD
+    max_segments: int | None = None
+    group_size: int | None = None
+    scorer: Scorer = Scorer.POLICY
+    lp_impl: LPImpl = LPImpl.KERNEL
+    temperature: float = 1.0
+    batch_size: int = 8
+    contexts_per_step: int = 16
+    cache_windows: int = 4
+    prefill_chunk: int = 1024
+    logprob_chunk: int = 512
+    min_bucket: int = 64
+
+    def __post_init__(self):
+        # Frozen: coerce through object.__setattr__ so string values become enums / tuples.
+        object.__setattr__(self, "keyword_match", KeywordMatch(self.keyword_match))
+        object.__setattr__(self, "scorer", Scorer(self.scorer))
+        object.__setattr__(self, "lp_impl", LPImpl(self.lp_impl))
+        object.__setattr__(self, "keywords", tuple(self.keywords))
+        for name in ("rank_weight", "reflection_weight", "temperature"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"RewardConfig.{name} must be finite, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ValueError(f"RewardConfig.temperature must be > 0, got {self.temperature}")
+        if not self.keywords or not all(isinstance(k, str) and k.strip() for k in self.keywords):
+            raise ValueError(
+                f"RewardConfig.keywords must be non-empty strings, got {self.keywords}")
+        if self.max_segments is not None and self.max_segments < 1:
+            raise ValueError(f"RewardConfig.max_segments must be >= 1 or None, got "
+                             f"{self.max_segments}")
+        if self.group_size is not None and self.group_size < 1:
+            raise ValueError(f"RewardConfig.group_size must be >= 1 or None, got {self.group_size}")
+        for name in ("batch_size", "contexts_per_step", "cache_windows", "prefill_chunk",
+                     "logprob_chunk", "min_bucket"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"RewardConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+    def replace(self, **changes) -> "RewardConfig":
+        return dataclasses.replace(self, **changes)

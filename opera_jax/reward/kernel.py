@@ -1,0 +1,199 @@
+"""LP of the reference under every context of a batch of responses, in one jitted call.
+
+LP(c) = mean_t log π(a_t | c, a_<t) (OPERA_METHOD.md §1). Every context is a prefix of
+prompt + response (see contexts.py), so instead of one full forward pass per context:
+
+1. Prefill: one pass over prompt + response for the B responses of the call, writing the
+   keys/values of every layer into a KV cache (run in chunks of `prefill_chunk` tokens, which
+   bounds the attention scores held at once).
+2. Reference passes, `contexts_per_step` contexts per step of a `lax.scan`: gather each
+   context's cache row, hide the cache slots at and after its cut (cache segment id 0), and
+   run [last context token, a_1, …, a_{n-1}] at positions cut-1, cut, … attending to the
+   visible slots and causally to themselves; take float32 log p(a_t) from the hidden states
+   (chunked log-softmax, `Qwen3.logprobs`) and their mean over the reference.
+   Contexts are sorted by length, and a step attends only to the first w cache slots, w the
+   smallest of `cache_windows` static sizes (~P/n, 2P/n, …, P; a `lax.switch` branch each)
+   that holds its contexts: short contexts do not pay for the whole response's slots.
+
+The last context token is run again rather than read from the prefill so that one pass form
+covers every context, including c_0 = x + "<think>" for a response without "<think>" (all of
+x visible, "<think>" fed first). Its key/value is recomputed from the same inputs, so the
+result equals the naive computation up to float rounding (tests: ≤ 1e-5 in float32).
+
+Cost per response: one pass over |x| + |y| tokens plus (K + 2) passes over |a| tokens (each
+attending to about |x| + |b_k| + |a| slots), against (K + 2) passes over |x| + |b_k| + |a|
+tokens. Attention goes through the model's cached-call path (XLA, dense scores over the
+window); see benchmarks/RESULTS.md for what that means on GPU.
+Lengths, batch and context counts are padded to buckets (`contexts.bucket_size`), so a new
+batch of the same bucket sizes reuses the compiled function (`TRACE_COUNT` counts traces).
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from opera_jax.model import KVCache
+from opera_jax.reward.config import RewardConfig
+from opera_jax.reward.contexts import Context, bucket_size
+
+# Traces of the jitted kernel (a test checks that equal bucket sizes do not retrace).
+TRACE_COUNT: collections.Counter = collections.Counter()
+
+
+def reference_logprobs(model, sequences: Sequence[Sequence[int]],
+                       references: Sequence[Sequence[int]],
+                       contexts: Sequence[Sequence[Context]], *,
+                       config: RewardConfig = RewardConfig()) -> list[np.ndarray]:
+    """LP of each sample's reference under each of its contexts.
+
+    Args:
+      model: the scorer, a `Qwen3`.
+      sequences: per sample, the token ids of prompt + response.
+      references: per sample, the reference's token ids (non-empty).
+      contexts: per sample, its contexts (cuts of its sequence).
+      config: kernel knobs (`batch_size`, `contexts_per_step`, `cache_windows`,
+        `prefill_chunk`, `logprob_chunk`, `min_bucket`) and `temperature`.
+    Returns:
+      Per sample, float32 [len(contexts[i])] LP values.
+    """
+    graphdef, state = nnx.split(model)
+    temperature = jnp.float32(config.temperature)
+    out: list[np.ndarray] = []
+    for start in range(0, len(sequences), config.batch_size):
+        sl = slice(start, start + config.batch_size)
+        if not any(contexts[sl]):
+            out.extend(np.zeros((0,), np.float32) for _ in contexts[sl])
+            continue
+        packed, windows, order = _pack(sequences[sl], references[sl], contexts[sl], config)
+        lp_sorted = _kernel(graphdef, state, *packed, temperature, windows=windows,
+                            logprob_chunk=config.logprob_chunk)
+        lp = np.empty((len(order),), np.float32)
+        lp[order] = np.asarray(jax.device_get(lp_sorted), np.float32)[:len(order)]
+        pos = 0
+        for ctx in contexts[sl]:
+            out.append(lp[pos:pos + len(ctx)])
+            pos += len(ctx)
+    return out
+
+
+def _pack(sequences, references, contexts, config: RewardConfig):
+    """Host side of one call: inputs padded to bucket sizes, contexts sorted into steps.
+
+    Returns:
+      (the kernel's array arguments, the static window sizes, the context order: the kernel's
+      i-th LP belongs to context order[i] of the call, counted sample by sample).
+    """
+    b = bucket_size(len(sequences))
+    p = bucket_size(max(len(s) for s in sequences), config.min_bucket)
+    # Equal prefill chunks of at most `prefill_chunk` tokens (multiples of 8) covering p.
+    n_chunks = -(-p // config.prefill_chunk)
+    chunk = _round_up(-(-p // n_chunks), 8)
+    p = n_chunks * chunk
+    r = bucket_size(max(len(a) for a in references), config.min_bucket)
+    tokens = np.zeros((b, p), np.int32)
+    lengths = np.zeros((b,), np.int32)
+    reference = np.zeros((b, r), np.int32)
+    ref_lengths = np.zeros((b,), np.int32)
+    rows, visible, first = [], [], []
+    for i, (seq, ref, ctx) in enumerate(zip(sequences, references, contexts)):
+        tokens[i, :len(seq)] = seq
+        lengths[i] = len(seq)
+        reference[i, :len(ref)] = ref
+        ref_lengths[i] = len(ref)
+        for c in ctx:
+            rows.append(i)
+            if c.extra_token is None:  # last context token is seq[prefix_len - 1]
+                visible.append(c.prefix_len - 1)
+                first.append(seq[c.prefix_len - 1])
+            else:  # the whole prefix is visible, the extra token comes first
+                visible.append(c.prefix_len)
+                first.append(c.extra_token)
+    # Contexts in order of visible length, so each step's window fits its contexts tightly.
+    order = np.argsort(np.asarray(visible), kind="stable")
+    n = len(order)
+    per_step = min(config.contexts_per_step, 1 << max(0, (n - 1).bit_length()))
+    steps = bucket_size(-(-n // per_step))
+    pad = steps * per_step - n
+    ctx_arrays = [np.concatenate([np.asarray(x, np.int32)[order], np.zeros(pad, np.int32)])
+                  .reshape(steps, per_step) for x in (rows, visible, first)]
+    windows = cache_windows(p, config.cache_windows)
+    # Smallest window holding every visible slot of the step's contexts.
+    window = np.searchsorted(windows, ctx_arrays[1].max(axis=1)).astype(np.int32)
+    tokens = tokens.reshape(b, p // chunk, chunk).transpose(1, 0, 2)  # [chunks, B, chunk]
+    return (tokens, lengths, reference, ref_lengths, *ctx_arrays, window), windows, order
+
+
+def cache_windows(p: int, count: int) -> tuple[int, ...]:
+    """The static window sizes (cache slots a reference pass attends to): ~p·i/count."""
+    sizes = {min(p, _round_up(-(-p * i // count), 8)) for i in range(1, count + 1)}
+    return tuple(sorted(sizes))
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "windows", "logprob_chunk"))
+def _kernel(graphdef, state, tokens, lengths, reference, ref_lengths, ctx_row, ctx_visible,
+            ctx_first, ctx_window, temperature, *, windows: tuple[int, ...], logprob_chunk: int):
+    """Prefill + reference passes.
+
+    Shapes: tokens [C, B, P/C] (prefill chunks); lengths, ref_lengths [B]; reference [B, R];
+    ctx_row, ctx_visible, ctx_first [steps, per_step]; ctx_window [steps] (index into
+    `windows`). Returns LP float32 [steps · per_step].
+    """
+    TRACE_COUNT["kernel"] += 1
+    model = nnx.merge(graphdef, state)
+    n_chunks, b, chunk = tokens.shape
+    p, r = n_chunks * chunk, reference.shape[1]
+
+    # 1. Prefill. Slots [p, p + r) stay free for the reference passes' own keys.
+    seg = (jnp.arange(p)[None, :] < lengths[:, None]).astype(jnp.int32)  # [B, P]; 0 = padding
+    seg = seg.reshape(b, n_chunks, chunk).transpose(1, 0, 2)
+
+    def prefill(cache, xs):
+        toks, sg = xs
+        _, cache = model(toks, segment_ids=sg, cache=cache, return_hidden=True)
+        return cache, None
+
+    cache, _ = jax.lax.scan(prefill, KVCache.init(model.config, b, p + r, model.dtype),
+                            (tokens, seg))
+
+    # 2. Reference passes, `per_step` contexts side by side, attending to a window of w cache
+    # slots (w static per branch; the step's contexts all have visible <= w).
+    offsets = jnp.arange(r, dtype=jnp.int32)
+
+    def reference_pass(w, rows, visible, first):
+        # Slots [0, w + r) of each context's row; slots >= visible are hidden, and the pass
+        # writes its own keys over [w, w + r).
+        ctx_cache = KVCache(
+            k=jnp.take(cache.k[:, :, :w + r], rows, axis=1),
+            v=jnp.take(cache.v[:, :, :w + r], rows, axis=1),
+            segment_ids=(jnp.arange(w + r)[None, :] < visible[:, None]).astype(jnp.int32),
+            end=jnp.asarray(w, jnp.int32))
+        ref, n = reference[rows], ref_lengths[rows]  # [per_step, R], [per_step]
+        valid = offsets[None, :] < n[:, None]
+        toks = jnp.concatenate([first[:, None], ref[:, :-1]], axis=1)
+        hidden, _ = model(toks, positions=visible[:, None] + offsets[None, :],
+                          segment_ids=valid.astype(jnp.int32), cache=ctx_cache,
+                          return_hidden=True)
+        # float32 log-softmax (chunked inside): LP differences are small, bf16 would blur them.
+        logp = model.logprobs(hidden, ref, chunk_size=logprob_chunk, temperature=temperature)
+        total = jnp.sum(jnp.where(valid, logp, 0.0), axis=1)
+        return total / jnp.maximum(n, 1).astype(jnp.float32)
+
+    branches = [functools.partial(reference_pass, w) for w in windows]
+
+    def step(_, xs):
+        rows, visible, first, window = xs
+        return None, jax.lax.switch(window, branches, rows, visible, first)
+
+    _, lp = jax.lax.scan(step, None, (ctx_row, ctx_visible, ctx_first, ctx_window))
+    return lp.reshape(-1)
