@@ -1,0 +1,184 @@
+"""`Sampler`: the host side of the jitted loop, on token ids.
+
+It pads what would otherwise recompile into a few buckets — prompt length and prompt count to
+powers of two (at least 16 and 1), decode capacity to a power of two (at least 16), stop lists
+to multiples of 4 strings × 8 bytes — places the inputs on the mesh, runs `loop.prefill` and
+`loop.decode`, and brings the result back as numpy (one explicit `device_get`).
+
+    sampler = Sampler(model, token_pieces=token_bytes(tok), eos_ids=[eos], pad_id=pad, mesh=mesh)
+    out = sampler.sample([[1, 2, 3], [4, 5]], max_new_tokens=64, temperature=0.6, n=4)
+    out.tokens[r, :out.lengths[r]]   # row r = prompt r // 4, sample r % 4
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from opera_jax.sampling import filters, loop, stops
+from opera_jax.sharding import named_sharding, state_shardings
+
+
+def _pow2(x: int, minimum: int) -> int:
+    return max(minimum, 1 << max(0, int(x) - 1).bit_length())
+
+
+def _per_prompt(value, count: int, dtype) -> np.ndarray:
+    """A scalar or one value per prompt -> array [count]."""
+    arr = np.asarray(value, dtype)
+    if arr.ndim == 0:
+        return np.full((count,), arr, dtype)
+    if arr.shape != (count,):
+        raise ValueError(f"expected a scalar or {count} values, got shape {arr.shape}")
+    return arr
+
+
+@dataclasses.dataclass(frozen=True)
+class Samples:
+    """Sampler results on the host; row r is prompt r // n, sample r % n (see loop.SampleOutput)."""
+
+    tokens: np.ndarray  # int32 [R, C]
+    logprobs: np.ndarray  # float32 [R, C]
+    lengths: np.ndarray  # int32 [R]
+    finish_reason: np.ndarray  # int32 [R], loop.FinishReason
+    stop_index: np.ndarray  # int32 [R], -1 if no stop string fired
+    stop_start: np.ndarray  # int32 [R], byte offset in the generated text, -1 if none
+    stop_end: np.ndarray  # int32 [R]
+    num_samples: int
+    # Per prompt (not per row), with prompt_logprobs=True: log p(prompt[j] | prompt[:j]) for
+    # j = 1 .. len - 1, temperature 1, float32.
+    prompt_logprobs: list[np.ndarray] | None = None
+
+    def row(self, r: int) -> tuple[np.ndarray, np.ndarray]:
+        """(token ids, log-probs) of row r, up to its length."""
+        return self.tokens[r, :self.lengths[r]], self.logprobs[r, :self.lengths[r]]
+
+
+class Sampler:
+    """Batched sampling from a Qwen3 on token ids.
+
+    Args:
+      model: a `Qwen3`.
+      token_pieces: the bytes of every token id (`stops.token_bytes(tokenizer)`); needed for
+        stop strings. At most `model.config.vocab_size` entries; missing ids get b"".
+      eos_ids: token ids that end a row.
+      pad_id: written after a row's end and into prompt padding.
+      mesh: shard batch over data/fsdp and heads over tensor; None = one device.
+      cache_dtype: KV cache dtype; default the model's compute dtype.
+    """
+
+    def __init__(self, model, *, token_pieces: Sequence[bytes | str] | None = None,
+                 eos_ids: Sequence[int] = (), pad_id: int = 0, mesh: Mesh | None = None,
+                 cache_dtype=None):
+        self.config = model.config
+        self.mesh = mesh
+        self.graphdef, params = nnx.split(model)
+        self.set_params(params)
+        self.eos_ids = tuple(int(e) for e in eos_ids)
+        self.pad_id = int(pad_id)
+        self.cache_dtype = jnp.dtype(cache_dtype or model.dtype).name
+        vocab = self.config.vocab_size
+        self.table = None
+        if token_pieces is not None:
+            pieces = list(token_pieces)[:vocab]
+            self.table = stops.TokenTable.build(pieces + [b""] * (vocab - len(pieces)))
+            self._token_bytes = self._put(self.table.bytes)
+            self._token_len = self._put(self.table.lengths)
+        else:
+            self._token_bytes = self._put(np.zeros((vocab, 8), np.uint8))
+            self._token_len = self._put(np.zeros((vocab,), np.int32))
+
+    def set_params(self, params) -> None:
+        """Samples from new weights (an `nnx.state` of the same model), e.g. after an RL step."""
+        if self.mesh is not None:
+            params = jax.device_put(params, state_shardings(params, self.mesh))
+        self.params = params
+
+    def _put(self, x: np.ndarray, names=None) -> jax.Array:
+        """Host array -> device, sharded by logical `names` (replicated when None)."""
+        if self.mesh is None:
+            return jax.device_put(x)
+        names = names if names is not None else (None,) * x.ndim
+        return jax.device_put(x, named_sharding(self.mesh, names, x.shape))
+
+    def sample(self, prompts: Sequence[Sequence[int]], *, max_new_tokens, temperature=1.0,
+               top_p=1.0, top_k=0, n: int = 1, stop: Sequence[str] = (), seed: int = 0,
+               prompt_logprobs: bool = False) -> Samples:
+        """Samples n continuations of each prompt.
+
+        Args:
+          prompts: token ids, each non-empty.
+          max_new_tokens, temperature, top_p, top_k: a scalar or one value per prompt.
+            temperature 0 = greedy; top_k 0 and top_p 1 = off.
+          n: samples per prompt (the prompt is prefilled once).
+          stop: stop strings (needs `token_pieces`).
+          seed: same seed, prompts and knobs -> same samples, on any mesh.
+          prompt_logprobs: also return the prompt tokens' log-probs (e.g. for perplexity over
+            prompt + continuation).
+        Returns:
+          Samples with len(prompts) · n rows.
+        """
+        count = len(prompts)
+        if count == 0 or any(len(p) == 0 for p in prompts):
+            raise ValueError("need at least one prompt, and every prompt needs a token")
+        if stop and self.table is None:
+            raise ValueError("stop strings need token_pieces (the bytes of every token)")
+        max_new = _per_prompt(max_new_tokens, count, np.int32)
+        temp = _per_prompt(temperature, count, np.float32)
+        k = _per_prompt(top_k, count, np.int32)
+        p = _per_prompt(top_p, count, np.float32)
+        if (max_new < 0).any() or (temp < 0).any():
+            raise ValueError("max_new_tokens and temperature must be >= 0")
+
+        b = _pow2(count, 1)  # padding prompts: length 0, max_new_tokens 0 (finished at once)
+        plen = _pow2(max(len(x) for x in prompts), 16)
+        tokens = np.full((b, plen), self.pad_id, np.int32)
+        lengths = np.zeros((b,), np.int32)
+        for i, x in enumerate(prompts):
+            tokens[i, plen - len(x):] = x
+            lengths[i] = len(x)
+
+        def rows(x, fill):  # per prompt [count] -> per row [b·n]
+            return np.repeat(np.concatenate([x, np.full((b - count,), fill, x.dtype)]), n)
+
+        # The mode depends on top-k / top-p only, so temperature (greedy or not) never
+        # recompiles; at most three modes × stops on/off get compiled per shape bucket.
+        cache_config = loop.CacheConfig(num_samples=n, capacity=_pow2(int(max_new.max()), 16),
+                                        cache_dtype=self.cache_dtype, mesh=self.mesh,
+                                        prompt_logprobs=prompt_logprobs)
+        config = loop.LoopConfig(cache=cache_config, mode=filters.filter_mode(k, p),
+                                 use_stops=bool(stop), pad_id=self.pad_id)
+        row_params = loop.RowParams(
+            temperature=self._put(rows(temp, 0.0), ("batch",)),
+            top_k=self._put(rows(k, 0), ("batch",)),
+            top_p=self._put(rows(p, 1.0), ("batch",)),
+            max_new_tokens=self._put(rows(max_new, 0), ("batch",)),
+            row_id=self._put(np.arange(b * n, dtype=np.int32), ("batch",)))
+        stop_rev, stop_len = stops.encode_stops(stop)
+        eos = np.full((_pow2(len(self.eos_ids), 4),), -1, np.int32)
+        eos[:len(self.eos_ids)] = self.eos_ids
+        stop_arrays = loop.StopArrays(token_bytes=self._token_bytes, token_len=self._token_len,
+                                      stop_rev=self._put(stop_rev), stop_len=self._put(stop_len),
+                                      eos_ids=self._put(eos))
+
+        cache, logits, prompt_lp = loop.prefill(
+            self.graphdef, self.params, self._put(tokens, ("batch", None)),
+            self._put(lengths, ("batch",)), config=cache_config)
+        out = loop.decode(self.graphdef, self.params, cache, logits,
+                          self._put(np.repeat(lengths, n), ("batch",)), row_params, stop_arrays,
+                          self._put(np.int32(seed)), config=config)
+        out, prompt_lp = jax.device_get((out, prompt_lp))
+        if prompt_lp is not None:
+            prompt_lp = [prompt_lp[i, plen - len(x):plen - 1] for i, x in enumerate(prompts)]
+        keep = count * n
+        return Samples(tokens=out.tokens[:keep], logprobs=out.logprobs[:keep],
+                       lengths=out.lengths[:keep], finish_reason=out.finish_reason[:keep],
+                       stop_index=out.stop_index[:keep], stop_start=out.stop_start[:keep],
+                       stop_end=out.stop_end[:keep], num_samples=n,
+                       prompt_logprobs=prompt_lp)
