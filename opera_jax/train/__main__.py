@@ -1,5 +1,5 @@
 """`python -m opera_jax.train --config=configs/<name>.py`: runs the trainer that `config.stage`
-names (today: sft)."""
+names (today: sft, grpo)."""
 
 from opera_jax.train.cli import run
 
@@ -9,7 +9,11 @@ def dispatch(config):
         from opera_jax.train.sft import train
 
         return train(config)
-    raise ValueError(f"config.stage is {config.stage!r}; known stages: sft")
+    if config.stage == "grpo":
+        from opera_jax.train.grpo import train
+
+        return train(config)
+    raise ValueError(f"config.stage is {config.stage!r}; known stages: sft, grpo")
 
 
 if __name__ == "__main__":

@@ -8,16 +8,25 @@ One checkpoint step holds three items:
 `save` returns once the arrays are copied off the device; the files are written in the
 background (`wait()` blocks until they are complete). Older steps beyond `keep` are deleted.
 `restore` puts every array straight into the sharding of the abstract target — no host ever
-holds a full unsharded copy.
+holds a full unsharded copy; `restore_params` reads only the parameters (one trainer starting
+from another's checkpoint, e.g. GRPO from SFT).
+
+Preemption: multi-host runs get SIGTERM through JAX's preemption service; a single-process run
+opts in with `with catch_sigterm():`, which turns SIGTERM into `reached_preemption() == True`
+(save, then stop) instead of killing the process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
+import threading
 
 import grain
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -39,6 +48,29 @@ def config_diff(saved: dict, current: dict, prefix: str = "") -> list[str]:
 def config_to_dict(config: ml_collections.ConfigDict) -> dict:
     """A JSON-safe nested dict of the config (tuples become lists)."""
     return json.loads(config.to_json_best_effort())
+
+
+_SIGTERM = threading.Event()
+
+
+@contextlib.contextmanager
+def catch_sigterm():
+    """Within this block, SIGTERM sets a flag that `Checkpointer.reached_preemption` reports.
+
+    Only in a single-process run and on the main thread (where Python delivers signals);
+    elsewhere it does nothing, and multi-host runs rely on JAX's preemption service. The
+    previous handler is put back on exit.
+    """
+    if jax.process_count() > 1 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _SIGTERM.clear()
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: _SIGTERM.set())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _SIGTERM.clear()
 
 
 class Checkpointer:
@@ -64,8 +96,9 @@ class Checkpointer:
         return list(self._mngr.all_steps())
 
     def reached_preemption(self, step: int) -> bool:
-        """True when the cluster signalled preemption: save now and stop."""
-        return self._mngr.reached_preemption(step)
+        """True when the cluster signalled preemption (or SIGTERM arrived inside
+        `catch_sigterm()`): save now and stop."""
+        return _SIGTERM.is_set() or self._mngr.reached_preemption(step)
 
     def save(self, step: int, state, *, config: ml_collections.ConfigDict,
              data_iter: grain.DatasetIterator | None = None) -> None:
@@ -104,6 +137,15 @@ class Checkpointer:
                 log.warning("resuming step %d with a config that differs from the saved one:"
                             "\n  %s", step, "\n  ".join(diff))
         return out.state, out.config
+
+    def restore_params(self, step: int, abstract_params):
+        """Only `state.params` of checkpoint `step`, each array read straight into the sharding
+        and dtype of `abstract_params` (a tree of ShapeDtypeStructs); nothing else is read."""
+        args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype),
+                            abstract_params)
+        item = ocp.args.PyTreeRestore(item={"params": abstract_params},
+                                      restore_args={"params": args}, partial_restore=True)
+        return self._mngr.restore(step, args=ocp.args.Composite(state=item)).state["params"]
 
     def wait(self) -> None:
         """Blocks until every started save is on disk."""

@@ -1,0 +1,466 @@
+"""GRPO with the OPERA reward (OPERA_METHOD.md §3).
+
+    python -m opera_jax.train.grpo --config=configs/grpo_tiny.py
+
+One RL step, in the loop's three labelled sections:
+  rollout  `rollout.n` responses to each of `rollout.num_prompts` prompts, sampled from the
+           training weights themselves (the sampler is handed the state's arrays; no copy).
+  reward   `reward.score_token_ids` on the sampled ids: scored by the policy that sampled them
+           (published) or, with `reward.scorer: reference`, by the frozen reference; `math`
+           rows get the verifiable reward. Then per-group advantages (grpo_loss).
+  update   old and reference log-probs, then `grpo.num_minibatches` optimizer steps (1 PPO
+           epoch) over strided mini-batches of the R = prompts · n rows, each the sum of
+           `grpo.grad_accum` micro-batch gradients weighted so that the mini-batch loss is
+           exactly `grpo_loss` over the whole mini-batch (token-mean by default).
+
+Old log-probs (`rollout.old_logprobs`): the sampler returns, for every sampled token, the
+float32 log-prob at temperature 1 before top-k / top-p, i.e. the quantity the loss
+differentiates, at any sampling temperature. Taking it saves a forward pass over the batch
+(a third of what the update's forward + backward costs), and it is exact up to rounding when
+the sampler computes like the update: in float32 (tiny model: |Δ| ≤ 2e-5 per token, tests/test_grpo_rollout.py), where
+`auto` takes it and the first mini-batch of the single PPO epoch is on-policy (ratio 1). In
+bf16 compute the one-token-at-a-time decode against a bf16 KV cache rounds differently from the
+training forward, more so for long sequences and real models, and a spurious ratio ≠ 1 would
+clip tokens of an on-policy batch; `auto` therefore recomputes them with the training forward
+(one no-grad pass). Even that is not bit-equal to the forward inside the gradient in bf16
+(different fusions); on the tiny model both leave an rms log-ratio below 1e-3.
+`sampler` / `recompute` force either.
+Remat: `model.remat` rematerialises each layer in the update's backward pass.
+
+Learning rate: `optim.warmup_frac` of the RL steps warm up linearly, then `optim.schedule`;
+the schedule advances per optimizer update (num_minibatches per RL step).
+Reference model (KL term; the scorer with `reward.scorer: reference`): loaded from its own
+source — `reference.checkpoint` (Orbax params), `reference.hf_dir`, or else the policy's initial
+source — in the compute dtype, never stored in the run's checkpoints.
+Checkpoints hold params, optimizer state, step, RNG, the prompt iterator's position and the
+config; rerunning the same command resumes; SIGTERM saves after the current step and stops.
+The RL loop is synchronous by nature (rollout needs the new weights), so every step ends with
+one explicit device_get of its metrics.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import functools
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from opera_jax import sharding as sh
+from opera_jax.data import toy_domain
+from opera_jax.data.jsonl import write_jsonl
+from opera_jax.data.records import open_rows
+from opera_jax.reward import RewardConfig, Scorer, score_token_ids
+from opera_jax.sampling import Sampler, default_eos_ids
+from opera_jax.tokenizer import special_token_ids
+from opera_jax.train import plots, rollout as rollout_lib
+from opera_jax.train import state as state_lib
+from opera_jax.train.checkpoint import Checkpointer, catch_sigterm
+from opera_jax.train.grpo_loss import GRPOLossConfig, group_advantages, grpo_loss
+from opera_jax.train.metrics import MetricsWriter
+from opera_jax.train.periodic import Every
+
+log = logging.getLogger(__name__)
+
+# Traces of the jitted step functions (a test checks that new rollouts do not retrace).
+TRACE_COUNT: collections.Counter = collections.Counter()
+
+
+class OldLogprobs(str, enum.Enum):
+    AUTO = "auto"            # sampler's in float32 compute, else recompute
+    SAMPLER = "sampler"      # the sampler's log-probs (no extra forward pass)
+    RECOMPUTE = "recompute"  # one forward pass of the training weights before the update
+
+
+def _split(x, parts: int):
+    """[R, ...] -> [parts, R / parts, ...]; part i takes rows i, i + parts, … so every part
+    keeps the batch axis's sharding (no data moves between devices)."""
+    return x.reshape(-1, parts, *x.shape[1:]).swapaxes(0, 1)
+
+
+def make_update_step(graphdef, tx, schedule, *, num_minibatches: int, grad_accum: int,
+                     chunk_size: int, loss_config: GRPOLossConfig):
+    """The pure GRPO update: `update(state, batch) -> (state, metrics)`.
+
+    Args:
+      graphdef: the Qwen3 graph (static); params come from the state.
+      tx / schedule: from `state.make_optimizer` (counting optimizer updates).
+      num_minibatches: M optimizer updates per call; grad_accum: A micro-batches each.
+      chunk_size: log-prob chunk.
+      loss_config: `GRPOLossConfig`.
+    Returns:
+      The step. batch: tokens (int32 [R, T], right-padded), mask, old_logprobs, optionally
+      ref_logprobs (float32 [R, T], aligned to the predicting position), advantages ([R]).
+      Metrics are float32 scalars over the whole RL step: the loss terms token-weighted over
+      its micro-batches, grad_norm the mean pre-clipping norm of its updates, lr the first's.
+    """
+    def micro_loss(params, mb, weight):
+        model = nnx.merge(graphdef, params)
+        hidden = model(mb["tokens"], return_hidden=True)  # causal; see make_logprob_fn
+        logp, entropy = model.logprobs(hidden, jnp.roll(mb["tokens"], -1, axis=1),
+                                       chunk_size=chunk_size, return_entropy=True)
+        loss, metrics = grpo_loss(logp, mb["old_logprobs"], mb.get("ref_logprobs"),
+                                  mb["advantages"], mb["mask"], loss_config)
+        n = jnp.sum(mb["mask"])
+        metrics = {**metrics, "loss": jax.lax.stop_gradient(loss),
+                   "entropy": jnp.sum(jax.lax.stop_gradient(entropy) * mb["mask"])
+                   / jnp.maximum(n, 1.0)}
+        return loss * weight, (metrics, n)
+
+    grad_fn = jax.grad(micro_loss, has_aux=True)
+
+    def minibatch(state: state_lib.TrainState, mb):  # leaves [A, b, ...]
+        # Weight of each micro-batch in the mini-batch's aggregate: its share of the tokens
+        # (token-mean) or of the non-empty sequences (seq-mean); float32 sums.
+        if loss_config.aggregation == "token_mean":
+            units = jnp.sum(mb["mask"], axis=(1, 2))
+        else:
+            units = jnp.sum(jnp.any(mb["mask"] > 0, axis=-1), axis=1).astype(jnp.float32)
+        weights = units / jnp.maximum(jnp.sum(units), 1.0)
+
+        def micro(grads, xs):
+            x, w = xs
+            g, (metrics, n) = grad_fn(state.params, x, w)
+            return jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g), (metrics, n)
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+        grads, (metrics, counts) = jax.lax.scan(micro, zeros, (mb, weights))
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        new = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                            opt_state=opt_state)
+        return new, (metrics, counts, optax.tree.norm(grads), schedule(state.step))
+
+    def update(state: state_lib.TrainState, batch: dict):
+        TRACE_COUNT["update"] += 1
+        split = jax.tree.map(
+            lambda x: _split(x, num_minibatches * grad_accum).reshape(
+                num_minibatches, grad_accum, -1, *x.shape[1:]), batch)
+        state, (metrics, counts, grad_norm, lr) = jax.lax.scan(minibatch, state, split)
+        total = jnp.sum(counts)  # [M, A] -> response tokens of the RL step
+        out = {k: jnp.sum(v * counts) / jnp.maximum(total, 1.0) for k, v in metrics.items()}
+        out.update(grad_norm=jnp.mean(grad_norm), lr=lr[0], loss_tokens=total)
+        return state, out
+
+    return update
+
+
+def make_logprob_fn(graphdef, *, micro_batches: int, chunk_size: int):
+    """`logprobs(params, tokens) -> float32 [R, T]`, no gradient, in `micro_batches` passes;
+    entry t is log p(tokens[t + 1] | tokens[..t]).
+
+    Rows are right-padded, so plain causal attention (no segment mask) leaves every real
+    token's value unchanged, and fused causal kernels (cuDNN) apply; padding is masked later.
+    """
+    def logprobs(params, tokens):
+        TRACE_COUNT["logprobs"] += 1
+
+        def one(toks):
+            model = nnx.merge(graphdef, params)  # in the map's trace (nnx.remat needs that)
+            hidden = model(toks, return_hidden=True)
+            return model.logprobs(hidden, jnp.roll(toks, -1, axis=1), chunk_size=chunk_size)
+
+        lp = jax.lax.map(one, _split(tokens, micro_batches))
+        return lp.swapaxes(0, 1).reshape(tokens.shape)
+
+    return logprobs
+
+
+@functools.lru_cache(maxsize=4)
+def cached_update(graphdef, optim_items: tuple, total_updates: int, num_minibatches: int,
+                  grad_accum: int, chunk_size: int, loss_config: GRPOLossConfig, mesh):
+    """(tx, update step) for these settings, cached so repeated runs in one process (tests,
+    benchmarks) hand jax the same function and reuse its compilation. The mesh is part of the
+    key because the model's activation constraints are traced under `activation_mesh(mesh)`."""
+    del mesh  # only a cache key
+    tx, schedule = state_lib.make_optimizer(ml_collections.ConfigDict(dict(optim_items)),
+                                            total_updates)
+    return tx, make_update_step(graphdef, tx, schedule, num_minibatches=num_minibatches,
+                                grad_accum=grad_accum, chunk_size=chunk_size,
+                                loss_config=loss_config)
+
+
+@functools.lru_cache(maxsize=8)
+def cached_logprobs(graphdef, micro_batches: int, chunk_size: int, mesh):
+    """The jitted `make_logprob_fn` (policy or reference graph), cached like `cached_update`."""
+    del mesh  # only a cache key
+    return jax.jit(make_logprob_fn(graphdef, micro_batches=micro_batches, chunk_size=chunk_size))
+
+
+def check_config(config: ml_collections.ConfigDict, mesh) -> None:
+    """Fails early, with the numbers, on settings the loop or the mesh cannot run."""
+    if config.stage != "grpo":
+        raise ValueError(f"config.stage is {config.stage!r}; this trainer runs 'grpo'")
+    rows = config.rollout.num_prompts * config.rollout.n
+    parts = config.grpo.num_minibatches * config.grpo.grad_accum
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if rows % parts or (rows // parts) % shards:
+        raise ValueError(f"{rows} responses per step (rollout.num_prompts x rollout.n) must "
+                         f"split into grpo.num_minibatches x grpo.grad_accum = {parts} micro-"
+                         f"batches whose size is a multiple of the data x fsdp mesh size {shards}")
+    OldLogprobs(config.rollout.old_logprobs)
+    if jax.process_count() > 1:
+        raise NotImplementedError("GRPO runs in one process for now: the sampler and the reward "
+                                  "bring the whole batch to this host")
+
+
+def reward_config(config: ml_collections.ConfigDict, group_size: int) -> RewardConfig:
+    """`RewardConfig` from the `reward` section (max_segments 0 = no cap)."""
+    kwargs = config.reward.to_dict()
+    kwargs["max_segments"] = kwargs["max_segments"] or None
+    return RewardConfig(**kwargs, group_size=group_size)
+
+
+def source_params(model: ml_collections.ConfigDict, mesh, abstract: dict, *, checkpoint: str,
+                  step: int = -1) -> dict:
+    """Parameters from an Orbax checkpoint directory (a run's workdir or its checkpoints/;
+    params only; `step` -1 = newest), else from `model.hf_dir`, else the random preset."""
+    if not checkpoint:
+        return state_lib.load_params(model, mesh)
+    nested = os.path.join(checkpoint, "checkpoints")
+    src = Checkpointer(nested if os.path.isdir(nested) else checkpoint, keep=None,
+                       async_save=False)
+    try:
+        step = src.latest_step() if step < 0 else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {checkpoint!r}")
+        log.info("parameters from %s step %d", checkpoint, step)
+        return src.restore_params(step, abstract)
+    finally:
+        src.close()
+
+
+def load_reference(config: ml_collections.ConfigDict, mesh):
+    """(graphdef, params) of the frozen reference, kept in the compute dtype.
+
+    Loaded like the policy (in `param_dtype`, so a random preset draws the same weights), then
+    cast once: the model casts every weight to the compute dtype at use anyway, so the values
+    are unchanged and a bf16 run holds half the memory.
+    """
+    model = ml_collections.ConfigDict(config.model.to_dict())
+    ref = config.reference
+    if ref.checkpoint or ref.hf_dir:
+        model.hf_dir, checkpoint, step = ref.hf_dir or model.hf_dir, ref.checkpoint, -1
+    else:
+        checkpoint, step = config.init.checkpoint, config.init.step
+    _, abstract = state_lib.abstract_params(model, mesh)
+    params = source_params(model, mesh, abstract, checkpoint=checkpoint, step=step)
+    model.param_dtype = model.dtype
+    graphdef, target = state_lib.abstract_params(model, mesh)
+    cast = jax.jit(lambda p: jax.tree.map(lambda x, t: x.astype(t.dtype), p, target),
+                   out_shardings=jax.tree.map(lambda t: t.sharding, target), donate_argnums=0)
+    return graphdef, cast(params)
+
+
+def step_seed(rng_data: np.ndarray, step: int) -> int:
+    """The sampling seed of RL step `step`, from the state's (checkpointed) RNG."""
+    return int(np.random.SeedSequence([*map(int, rng_data.ravel()), step]).generate_state(1)[0]
+               & 0x7FFFFFFF)
+
+
+def _upload(x: np.ndarray, mesh, names):
+    sharding = sh.named_sharding(mesh, names, x.shape)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def validate(sampler, policy, reference, tokenizer, rows: list[dict], config, *, seq_len: int,
+             stats: dict) -> dict[str, float]:
+    """Reward of `validation.n` rollouts per held-out prompt (greedy when
+    `validation.temperature` is 0), scored exactly like training; a fixed seed keeps the
+    steps comparable. `stats`: keyword arguments of `rollout.response_stats`."""
+    v = config.validation
+    ro = rollout_lib.sample_rollout(
+        sampler, rows, n=v.n, seq_len=seq_len, max_new_tokens=config.rollout.max_new_tokens,
+        temperature=v.temperature, top_p=config.rollout.top_p, top_k=config.rollout.top_k,
+        seed=config.seed, prompts_per_call=config.rollout.prompts_per_call or
+        config.rollout.num_prompts)
+    result = score_token_ids(policy, tokenizer, ro.prompt_ids, ro.response_ids, ro.reference_ids,
+                             ro.group_ids, ro.task_types, config=reward_config(config, v.n),
+                             reference_model=reference)
+    return {**rollout_lib.reward_metrics(result, ro, "val_reward/"),
+            **rollout_lib.response_stats(ro, tokenizer, prefix="val_response/", **stats)}
+
+
+def train(config: ml_collections.ConfigDict, *, stop_after: int | None = None):
+    """Runs (or resumes) GRPO as configured; returns the final TrainState.
+
+    Args:
+      config: see configs/grpo_tiny.py for every key.
+      stop_after: stop (with a checkpoint) after this RL step, as a preemption would; the
+        schedule still spans `grpo.steps`. For tests and time-sliced jobs.
+    """
+    # ---- setup ----
+    workdir = os.path.abspath(config.workdir)
+    total = config.grpo.steps
+    last = total if stop_after is None else min(stop_after, total)
+    n, minibatches = config.rollout.n, config.grpo.num_minibatches
+    seq_len = config.data.max_prompt_len + config.rollout.max_new_tokens
+    loss_config = GRPOLossConfig(**config.loss)
+    scoring = reward_config(config, n)
+    old_mode = OldLogprobs(config.rollout.old_logprobs)
+    if old_mode is OldLogprobs.AUTO:  # see the module docstring
+        old_mode = (OldLogprobs.SAMPLER if jnp.dtype(config.model.dtype) == jnp.float32
+                    else OldLogprobs.RECOMPUTE)
+
+    # ---- mesh ----
+    count = config.mesh.num_devices
+    devices = jax.devices() if count < 0 else jax.devices()[:count]
+    mesh = sh.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
+    check_config(config, mesh)
+
+    # ---- data ----
+    if config.data.write_toy_rows and not os.path.exists(config.data.path):
+        write_jsonl(config.data.path,
+                    toy_domain.prompt_rows(config.data.write_toy_rows, seed=config.data.seed))
+    records = open_rows(config.data.path, required=rollout_lib.PROMPT_FIELDS,
+                        on_error=config.data.on_bad_row)
+    tokenizer = state_lib.model_tokenizer(config.model)
+    special = special_token_ids(tokenizer)
+    data_iter = iter(rollout_lib.prompt_batches(
+        records, tokenizer, batch_size=config.rollout.num_prompts, seed=config.data.seed,
+        max_prompt_len=config.data.max_prompt_len, enable_thinking=config.data.enable_thinking,
+        num_threads=config.data.num_threads))
+    val_rows = []
+    if config.validation.every > 0:  # held-out prompts: a file, or the toy domain's held-out set
+        held_out = (open_rows(config.validation.path, required=rollout_lib.PROMPT_FIELDS,
+                              on_error=config.data.on_bad_row) if config.validation.path
+                    else toy_domain.prompt_rows(config.validation.num_prompts,
+                                                seed=config.data.seed + 1, held_out=True))
+        tokenize = rollout_lib.TokenizePrompt(tokenizer, max_prompt_len=config.data.max_prompt_len,
+                                              enable_thinking=config.data.enable_thinking)
+        val_rows = [x for x in map(tokenize, list(held_out)[:config.validation.num_prompts])
+                    if x is not None]
+    log.info("%d prompt rows from %s, %d validation prompts", len(records), config.data.path,
+             len(val_rows))
+
+    # ---- model / optimizer / reference ----
+    graphdef, params_abstract = state_lib.abstract_params(config.model, mesh)
+    optim = config.optim.to_dict()  # warm-up in RL steps -> optimizer updates
+    optim["warmup_steps"] = round(optim.pop("warmup_frac") * total) * minibatches
+    tx, update = cached_update(graphdef, tuple(sorted(optim.items())), total * minibatches,
+                               minibatches, config.grpo.grad_accum, config.grpo.chunk_size,
+                               loss_config, mesh)
+    micro = minibatches * config.grpo.grad_accum
+    policy_logprobs = cached_logprobs(graphdef, micro, config.grpo.chunk_size, mesh)
+    abstract = state_lib.abstract_state(params_abstract, tx, mesh)
+    state_sharding = state_lib.shardings_of(abstract)
+    reference = ref_params = ref_logprobs = None
+    if loss_config.kl_coef > 0 or scoring.scorer is Scorer.REFERENCE:
+        ref_graphdef, ref_params = load_reference(config, mesh)
+        reference = nnx.merge(ref_graphdef, ref_params)
+        ref_logprobs = cached_logprobs(ref_graphdef, micro, config.grpo.chunk_size, mesh)
+
+    # ---- restore ----
+    # Order: (1) the abstract state above fixes shapes, dtypes and shardings without
+    # allocating; (2) a checkpoint's arrays load straight into those shards; (3) the prompt
+    # iterator is repositioned to the saved batch; (4) the saved config is only compared.
+    # Without a checkpoint: params from init.checkpoint / model.hf_dir / the random preset,
+    # fresh optimizer. The reference was loaded above from its own source either way.
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
+                        async_save=config.checkpoint.async_save)
+    start = ckpt.latest_step() or 0
+    if start:
+        state, _ = ckpt.restore(start, abstract, data_iter=data_iter, config=config)
+        log.info("resumed from step %d", start)
+    else:
+        params = source_params(config.model, mesh, params_abstract,
+                               checkpoint=config.init.checkpoint, step=config.init.step)
+        state = state_lib.init_state(params, tx, abstract, seed=config.seed)
+    rng_data = np.asarray(jax.device_get(state.rng))
+
+    # ---- loop ----
+    update_fn = jax.jit(update, in_shardings=(state_sharding, None),
+                        out_shardings=(state_sharding, None), donate_argnums=0)
+    # Rollout reads the training arrays: set_params re-wraps them each step, no copy.
+    sampler = Sampler(nnx.merge(graphdef, state.params), eos_ids=default_eos_ids(tokenizer),
+                      pad_id=special["pad"], mesh=mesh)
+    stats = dict(think_close_id=special["think_close"],
+                 keywords=rollout_lib.keyword_pattern(scoring.keywords))
+    arch = state_lib.model_spec(config.model)[0]
+    peak = config.grpo.peak_flops * len(devices)
+    passes = int(old_mode is OldLogprobs.RECOMPUTE) + int(loss_config.kl_coef > 0)
+    sample_kwargs = dict(max_new_tokens=config.rollout.max_new_tokens,
+                         temperature=config.rollout.temperature, top_p=config.rollout.top_p,
+                         top_k=config.rollout.top_k,
+                         prompts_per_call=config.rollout.prompts_per_call)
+    writer = MetricsWriter(workdir, total_steps=total, initial_step=start)
+    log_due = Every(config.grpo.log_every, last_step=last)
+    ckpt_due = Every(config.checkpoint.every, last_step=last)
+    val_due = Every(config.validation.every, last_step=last if val_rows else None)
+
+    def run_validation():
+        sampler.set_params(nnx.state(policy := nnx.merge(graphdef, state.params)))
+        return validate(sampler, policy, reference, tokenizer, val_rows, config, seq_len=seq_len,
+                        stats=stats)
+
+    try:
+        with sh.activation_mesh(mesh), catch_sigterm():
+            if start == 0 and val_rows:  # the starting point of the validation curve
+                writer.write(0, run_validation())
+            for step in range(start + 1, last + 1):
+                with jax.profiler.StepTraceAnnotation("grpo", step_num=step):
+                    rows = next(data_iter)
+                    # ---- rollout ----
+                    t0 = time.perf_counter()
+                    sampler.set_params(nnx.state(policy := nnx.merge(graphdef, state.params)))
+                    ro = rollout_lib.sample_rollout(sampler, rows, n=n, seq_len=seq_len,
+                                                    seed=step_seed(rng_data, step),
+                                                    **sample_kwargs)
+                    # ---- reward ----
+                    t1 = time.perf_counter()
+                    result = score_token_ids(policy, tokenizer, ro.prompt_ids, ro.response_ids,
+                                             ro.reference_ids, ro.group_ids, ro.task_types,
+                                             config=scoring, reference_model=reference)
+                    advantages = group_advantages(result.reward, ro.group_ids)
+                    # ---- update ----
+                    t2 = time.perf_counter()
+                    host = {"tokens": ro.tokens, "mask": ro.mask}
+                    if old_mode is OldLogprobs.SAMPLER:
+                        host["old_logprobs"] = ro.old_logprobs
+                    batch = {k: _upload(v, mesh, ("batch", "seq")) for k, v in host.items()}
+                    batch["advantages"] = _upload(advantages, mesh, ("batch",))
+                    if old_mode is OldLogprobs.RECOMPUTE:
+                        batch["old_logprobs"] = policy_logprobs(state.params, batch["tokens"])
+                    if loss_config.kl_coef > 0:
+                        batch["ref_logprobs"] = ref_logprobs(ref_params, batch["tokens"])
+                    jax.block_until_ready(batch)  # only to time the log-prob passes
+                    t3 = time.perf_counter()
+                    state, metrics = update_fn(state, batch)
+                    metrics = jax.device_get(metrics)  # the step's one sync; NaN checked below
+                    t4 = time.perf_counter()
+                metrics.update(rollout_lib.reward_metrics(result, ro, "reward/"),
+                               **rollout_lib.response_stats(ro, tokenizer, **stats))
+                metrics.update(rollout_lib.step_timing(
+                    ro, rollout_s=t1 - t0, reward_s=t2 - t1, logprob_s=t3 - t2,
+                    update_s=t4 - t2, arch=arch, peak=peak, passes=passes))
+                metrics["reward/adv_nonzero_frac"] = float(np.mean(advantages != 0))
+                if val_due(step):
+                    metrics.update(run_validation())
+                writer.advance()
+                preempted = ckpt.reached_preemption(step)
+                if log_due(step) or ckpt_due(step) or preempted:
+                    writer.write(step, metrics)  # NaN/Inf raises here, before any checkpoint
+                if ckpt_due(step) or preempted:
+                    ckpt.save(step, state, config=config, data_iter=data_iter)
+                if preempted:
+                    log.warning("preemption signalled: saved step %d, stopping", step)
+                    break
+    finally:
+        ckpt.close()  # waits for the last asynchronous save
+        writer.close()
+    if jax.process_index() == 0:
+        plots.plot_rewards(workdir)
+    return state
+
+
+if __name__ == "__main__":
+    from opera_jax.train.cli import run
+
+    run(train)
