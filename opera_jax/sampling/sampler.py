@@ -109,7 +109,8 @@ class Sampler:
 
     def sample(self, prompts: Sequence[Sequence[int]], *, max_new_tokens, temperature=1.0,
                top_p=1.0, top_k=0, n: int = 1, stop: Sequence[str] = (), seed: int = 0,
-               prompt_logprobs: bool = False) -> Samples:
+               prompt_logprobs: bool = False,
+               row_seeds: Sequence[int] | None = None) -> Samples:
         """Samples n continuations of each prompt.
 
         Args:
@@ -121,6 +122,9 @@ class Sampler:
           seed: same seed, prompts and knobs -> same samples, on any mesh.
           prompt_logprobs: also return the prompt tokens' log-probs (e.g. for perplexity over
             prompt + continuation).
+          row_seeds: optional, one int in [0, 2**31) per row (len(prompts) · n, row order):
+            row r draws from fold_in(fold_in(key(seed), row_seeds[r]), step) instead of
+            row_id r, so a row's samples do not depend on which other prompts share the call.
         Returns:
           Samples with len(prompts) · n rows.
         """
@@ -144,6 +148,14 @@ class Sampler:
             tokens[i, plen - len(x):] = x
             lengths[i] = len(x)
 
+        row_id = np.arange(b * n, dtype=np.int32)  # padding rows keep theirs: never drawn
+        if row_seeds is not None:
+            given = np.asarray(row_seeds, np.int64)
+            if given.shape != (count * n,) or (given < 0).any() or (given >= 2**31).any():
+                raise ValueError(f"row_seeds needs {count * n} ints in [0, 2**31), got "
+                                 f"shape {given.shape}")
+            row_id[:count * n] = given
+
         def rows(x, fill):  # per prompt [count] -> per row [b·n]
             return np.repeat(np.concatenate([x, np.full((b - count,), fill, x.dtype)]), n)
 
@@ -159,7 +171,7 @@ class Sampler:
             top_k=self._put(rows(k, 0), ("batch",)),
             top_p=self._put(rows(p, 1.0), ("batch",)),
             max_new_tokens=self._put(rows(max_new, 0), ("batch",)),
-            row_id=self._put(np.arange(b * n, dtype=np.int32), ("batch",)))
+            row_id=self._put(row_id, ("batch",)))
         stop_rev, stop_len = stops.encode_stops(stop)
         eos = np.full((_pow2(len(self.eos_ids), 4),), -1, np.int32)
         eos[:len(self.eos_ids)] = self.eos_ids
