@@ -158,7 +158,7 @@ def test_stage_dispatch_and_unknown_keys():
     assert check_overrides(config, ["--config.rollout.G=8"]).startswith(
         "unknown config key 'rollout.G'; valid keys under 'rollout': max_new_tokens, n,")
     config.stage = "dpo"
-    with pytest.raises(ValueError, match="known stages: sft, grpo"):
+    with pytest.raises(ValueError, match="known stages: pipeline, sft, grpo"):
         dispatch(config)
 
 

@@ -205,4 +205,10 @@ PRESETS: dict[str, Qwen3Config] = {
                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                         head_dim=32, rope_theta=10_000.0, tie_word_embeddings=True,
                         max_position_embeddings=4096),
+    # The embedded default run's model (python -m opera_jax.train): big enough to learn the
+    # toy domain's copy-from-the-thinking answers in a few CPU minutes.
+    "toy": Qwen3Config(vocab_size=1024, hidden_size=128, intermediate_size=384,
+                       num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=32, rope_theta=10_000.0, tie_word_embeddings=True,
+                       max_position_embeddings=4096),
 }

@@ -50,17 +50,21 @@ def check_overrides(config: ml_collections.ConfigDict, argv: Sequence[str]) -> s
 
 
 def run(train_fn: Callable[[ml_collections.ConfigDict], Any],
-        argv: Sequence[str] | None = None) -> None:
-    """absl app: parse `--config` (+ overrides), then `train_fn(config)`."""
+        argv: Sequence[str] | None = None, *, default_config: str | None = None) -> None:
+    """absl app: parse `--config` (+ overrides), then `train_fn(config)`.
+
+    `default_config`: a config file used when no `--config=` is given (the embedded default).
+    """
     from absl import app, flags
     from ml_collections import config_flags
 
     if "config" not in flags.FLAGS:
-        config_flags.DEFINE_config_file("config", None, "ml_collections config file",
+        config_flags.DEFINE_config_file("config", default_config, "ml_collections config file",
                                         lock_config=True)
 
     def parse(argv):
-        spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+        spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")),
+                    default_config)
         if spec is not None:
             message = check_overrides(load_config_file(spec), argv)
             if message:

@@ -1,0 +1,232 @@
+"""The tiny setups' configs, embedded in the package (the default run must work from any
+install); the files in configs/ wrap them and carry the launch commands.
+
+Each function returns a fresh ml_collections.ConfigDict; every key is documented inline.
+"""
+
+import ml_collections
+
+
+def sft_tiny() -> ml_collections.ConfigDict:
+    """SFT of the tiny preset on the toy domain (configs/sft_tiny.py)."""
+    c = ml_collections.ConfigDict()
+    c.stage = "sft"
+    c.workdir = "/tmp/opera_sft_tiny"
+    c.seed = 0  # the train state's RNG
+
+    c.model = ml_collections.ConfigDict()
+    c.model.hf_dir = ""          # a local HF Qwen3 directory; "" = random `preset` weights
+    c.model.preset = "tiny"
+    c.model.init_seed = 0
+    c.model.dtype = "bfloat16"   # compute
+    c.model.param_dtype = "float32"  # master weights and optimizer moments
+    c.model.remat = False
+    c.model.attention_impl = ""  # "" = platform default; xla | cudnn | splash
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = 1
+    c.mesh.fsdp = -1             # -1 = all remaining devices
+    c.mesh.tensor = 1
+    c.mesh.num_devices = -1      # use the first n devices; -1 = all
+
+    c.data = ml_collections.ConfigDict()
+    # JSONL or *.array_record files (python -m opera_jax.data.records); globs, comma-separated
+    c.data.path = "/tmp/opera_sft_tiny/toy.jsonl"
+    c.data.write_toy_rows = 256  # write the toy set to `path` when missing (0: never)
+    c.data.on_bad_row = "skip"   # skip (warn with file:line) | raise
+    c.data.seed = 0              # shuffle seed; every epoch reshuffles
+    c.data.seq_len = 256         # T
+    c.data.packing = True
+    c.data.overlong = "drop"     # drop | truncate examples longer than seq_len
+    c.data.enable_thinking = True
+    c.data.num_threads = 2       # tokenising threads ahead of the loop
+
+    c.sft = ml_collections.ConfigDict()
+    c.sft.steps = 20
+    c.sft.batch_size = 8         # global rows of seq_len tokens per step
+    c.sft.grad_accum = 1         # micro-batches per step (batch_size / grad_accum rows each)
+    c.sft.chunk_size = 512       # log-prob chunk (positions)
+    c.sft.log_every = 1
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 3e-3
+    c.optim.schedule = "cosine"  # cosine | constant (both after linear warm-up)
+    c.optim.warmup_steps = 2
+    c.optim.final_lr_frac = 0.1
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.95
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 0.01
+    c.optim.clip_norm = 1.0      # global-norm clipping; <= 0 disables
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every = 10      # and always at the last step
+    c.checkpoint.keep = 2
+    c.checkpoint.async_save = True
+    return c
+
+
+def grpo_tiny() -> ml_collections.ConfigDict:
+    """GRPO of the tiny preset on the toy domain (configs/grpo_tiny.py)."""
+    c = ml_collections.ConfigDict()
+    c.stage = "grpo"
+    c.workdir = "/tmp/opera_grpo_tiny"
+    c.seed = 0  # the train state's RNG: every step's sampling seed derives from it
+
+    c.model = ml_collections.ConfigDict()
+    c.model.hf_dir = ""          # a local HF Qwen3 directory; "" = random `preset` weights
+    c.model.preset = "tiny"
+    c.model.init_seed = 0
+    c.model.dtype = "float32"    # compute (float32: the sampler's log-probs serve as old ones)
+    c.model.param_dtype = "float32"  # master weights and optimizer moments
+    c.model.remat = False
+    c.model.attention_impl = ""  # "" = platform default; xla | cudnn | splash
+
+    c.init = ml_collections.ConfigDict()
+    c.init.checkpoint = ""       # Orbax dir (a run's workdir or its checkpoints/): params only
+    c.init.step = -1             # its step; -1 = newest
+
+    c.reference = ml_collections.ConfigDict()  # the frozen model of the KL term
+    c.reference.checkpoint = ""  # both "" = the policy's initial weights (init / model source)
+    c.reference.hf_dir = ""
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = 1
+    c.mesh.fsdp = -1             # -1 = all remaining devices
+    c.mesh.tensor = 1
+    c.mesh.num_devices = -1      # use the first n devices; -1 = all
+
+    c.data = ml_collections.ConfigDict()
+    # JSONL or *.array_record prompt rows: prompt, reference, task_type (writing | math)
+    c.data.path = "/tmp/opera_grpo_tiny/prompts.jsonl"
+    c.data.write_toy_rows = 256  # write toy prompt rows to `path` when missing (0: never)
+    c.data.on_bad_row = "skip"   # skip (warn with file:line) | raise
+    c.data.seed = 0              # shuffle seed; every epoch reshuffles
+    c.data.max_prompt_len = 64   # tokens after the chat template; longer prompts are skipped
+    c.data.enable_thinking = True
+    c.data.num_threads = 2       # tokenising threads ahead of the loop
+
+    c.rollout = ml_collections.ConfigDict()
+    c.rollout.num_prompts = 8    # prompts per RL step
+    c.rollout.n = 4              # G responses per prompt
+    c.rollout.max_new_tokens = 64
+    c.rollout.temperature = 1.0
+    c.rollout.top_p = 1.0
+    c.rollout.top_k = 0          # 0 = off
+    c.rollout.prompts_per_call = 0  # sampler call size in prompts (bounds the KV cache); 0 = all
+    c.rollout.old_logprobs = "auto"  # auto | sampler | recompute (see opera_jax/train/grpo.py)
+
+    c.reward = ml_collections.ConfigDict()  # opera_jax.reward.RewardConfig fields
+    c.reward.rank_weight = 0.3
+    c.reward.reflection_weight = 0.7
+    c.reward.keywords = ("But", "Wait", "Hmm", "However", "Wait a minute")
+    c.reward.keyword_match = "word"  # word | substring (published)
+    c.reward.max_segments = 0    # 0 = no cap
+    c.reward.scorer = "policy"   # policy (published) | reference
+    c.reward.lp_impl = "kernel"  # kernel | naive
+    c.reward.batch_size = 8      # responses per scoring call
+    c.reward.min_bucket = 64
+
+    c.loss = ml_collections.ConfigDict()  # opera_jax.train.grpo_loss.GRPOLossConfig fields
+    c.loss.clip_low = 0.2
+    c.loss.clip_high = 0.2
+    c.loss.dual_clip = 3.0
+    c.loss.kl_coef = 0.001       # 0 = no KL term and no reference model
+    c.loss.aggregation = "token_mean"  # token_mean | seq_mean
+
+    c.grpo = ml_collections.ConfigDict()
+    c.grpo.steps = 10            # RL steps
+    c.grpo.num_minibatches = 2   # optimizer updates per RL step (1 PPO epoch)
+    c.grpo.grad_accum = 1        # micro-batches per update
+    c.grpo.chunk_size = 512      # log-prob chunk (positions)
+    c.grpo.log_every = 1
+    c.grpo.peak_flops = 0.0      # peak FLOP/s of one device for MFU; 0 = unknown (no MFU)
+
+    c.validation = ml_collections.ConfigDict()
+    c.validation.every = 5       # RL steps; also before the first and after the last; 0 = off
+    c.validation.path = ""       # held-out prompt rows; "" = the toy domain's held-out prompts
+    c.validation.num_prompts = 8
+    c.validation.n = 2           # responses per prompt (rank needs >= 2)
+    c.validation.temperature = 1.0  # 0 = greedy (then use n = 1)
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 1e-3
+    c.optim.schedule = "constant"  # constant | cosine, after the linear warm-up
+    c.optim.warmup_frac = 0.4    # of the RL steps (published 40 %)
+    c.optim.final_lr_frac = 1.0  # cosine only
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 0.01
+    c.optim.clip_norm = 1.0      # global-norm clipping; <= 0 disables
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every = 5       # and always at the last step and on SIGTERM
+    c.checkpoint.keep = 2
+    c.checkpoint.async_save = True
+    return c
+
+
+def default() -> ml_collections.ConfigDict:
+    """The embedded default: the whole recipe on the toy domain, CPU, ~10 minutes on 2 cores.
+
+        python -m opera_jax.train
+        python -m opera_jax.train --config.stages=grpo,eval --config.grpo.grpo.steps=40
+
+    Stage sub-configs are the tiny trainers' configs with the toy model; the pipeline fills in
+    the paths between stages (opera_jax/train/pipeline.py).
+    """
+    from opera_jax import evaluate
+    from opera_jax.synth.config import synth_tiny
+
+    c = ml_collections.ConfigDict()
+    c.stage = "pipeline"
+    c.workdir = "runs/opera_default"
+    c.warmup_cache = "~/.cache/opera_jax/warmup"  # keyed by the warm-up config's hash
+    c.stages = "warmup,synth,sft,grpo,eval"
+    c.seed = 0
+    c.warmup_examples = 3000     # toy traces the warm-up trains on
+    c.synth_prompts = 64         # toy prompts the teacher writes trajectories for
+
+    c.warmup = sft_tiny()
+    c.warmup.model.preset = "toy"
+    c.warmup.model.dtype = "float32"
+    c.warmup.data.seq_len = 512
+    c.warmup.sft.steps = 200
+    c.warmup.sft.log_every = 20
+    c.warmup.optim.lr = 3e-3
+    c.warmup.optim.warmup_steps = 20
+    c.warmup.checkpoint.every = 100
+
+    c.synth = synth_tiny()
+    c.synth.teacher.preset = "toy"  # architecture only: the warm-up's weights are loaded
+    c.synth.progress = True
+
+    c.sft = sft_tiny()
+    c.sft.model.preset = "toy"
+    c.sft.model.dtype = "float32"
+    c.sft.data.seq_len = 512
+    c.sft.sft.steps = 40
+    c.sft.sft.log_every = 10
+    c.sft.optim.lr = 1e-3
+    c.sft.optim.warmup_steps = 4
+    c.sft.checkpoint.every = 20
+
+    c.grpo = grpo_tiny()
+    c.grpo.model.preset = "toy"
+    c.grpo.data.write_toy_rows = 256
+    c.grpo.data.max_prompt_len = 96
+    c.grpo.rollout.num_prompts = 8
+    c.grpo.rollout.n = 8
+    c.grpo.rollout.max_new_tokens = 192
+    c.grpo.reward.batch_size = 16
+    c.grpo.grpo.steps = 20
+    c.grpo.validation.every = 10
+    c.grpo.validation.num_prompts = 16
+    c.grpo.optim.lr = 3e-4
+    c.grpo.checkpoint.every = 5
+
+    c.eval = evaluate.default_config()
+    c.eval.num_prompts = 32
+    c.eval.scorer = "sft"        # one yardstick for both models: the SFT model scores LP
+    return c

@@ -1,0 +1,121 @@
+"""Checkpoint → any mesh → HF export, and the evaluation files.
+
+A 2-step SFT run on 8 fake devices (fsdp=8) writes the Orbax checkpoint; it must restore on one
+device and on 8 with the same logits, export to a directory that transformers loads with the
+same logits, and feed `opera_jax.eval`.
+"""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from opera_jax import make_mesh
+from opera_jax.data.jsonl import write_jsonl
+from opera_jax.data.toy_domain import examples
+from opera_jax.export import export_checkpoint, load_checkpoint
+from opera_jax.evaluate import compare, default_config, load_prompts
+from opera_jax.train.configs import sft_tiny
+from opera_jax.train.sft import train
+
+IDS = np.random.RandomState(0).randint(0, 1024, (2, 12)).astype(np.int32)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, hf_tiny):
+    tmp = tmp_path_factory.mktemp("export")
+    c = sft_tiny()
+    c.workdir = str(tmp / "run")
+    c.model.hf_dir = hf_tiny[0]
+    c.model.dtype = "float32"
+    c.data.path = write_jsonl(tmp / "toy.jsonl", examples(32, seed=0))
+    c.data.write_toy_rows = 0
+    c.data.num_threads = 0
+    c.sft.steps = 2
+    assert jax.device_count() == 8  # written from an 8-way fsdp mesh
+    state = train(c)
+    assert state.params["embed_tokens"].sharding.spec[1] == "fsdp"
+    return c.workdir
+
+
+def _logits(model):
+    return np.asarray(model(jnp.asarray(IDS)))
+
+
+def test_restore_on_one_device_and_on_eight(run_dir, hf_tiny):
+    one, tok, cfg, step = load_checkpoint(run_dir, mesh=make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+    eight, _, _, _ = load_checkpoint(run_dir, mesh=make_mesh(2, 2, 2))
+    assert step == 2 and cfg.model.hf_dir == hf_tiny[0]
+    assert len(one.embed_tokens[...].sharding.device_set) == 1
+    assert len(eight.embed_tokens[...].sharding.device_set) == 8
+    np.testing.assert_array_equal(np.asarray(one.embed_tokens[...]), np.asarray(eight.embed_tokens[...]))
+    np.testing.assert_allclose(_logits(one), _logits(eight), atol=1e-5)
+    # two SFT steps moved the weights away from the starting checkpoint
+    with torch.no_grad():
+        start = hf_tiny[1](torch.tensor(IDS, dtype=torch.long)).logits.numpy()
+    assert np.abs(_logits(one) - start).max() > 1e-3
+
+
+def test_export_round_trip_through_transformers(run_dir, tmp_path):
+    out = export_checkpoint(run_dir, str(tmp_path / "hf"))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    model, _, _, _ = load_checkpoint(run_dir)
+    with torch.no_grad():
+        got = ref(torch.tensor(IDS, dtype=torch.long)).logits.numpy()
+    assert np.abs(got - _logits(model)).max() <= 1e-4
+    assert transformers.AutoTokenizer.from_pretrained(out).chat_template
+
+
+def test_missing_checkpoint_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_checkpoint(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        load_checkpoint(str(tmp_path / "empty"))
+
+
+def test_eval_writes_documented_files(run_dir, hf_tiny, tmp_path):
+    c = default_config()
+    c.out = str(tmp_path / "eval")
+    c.num_prompts = 3
+    c.n = 2
+    c.max_new_tokens = 16
+    results = compare({"start": hf_tiny[0], "sft": run_dir}, c)
+    assert sorted(os.listdir(c.out)) == ["metrics.json", "plots.png", "report.md",
+                                         "responses_sft.jsonl", "responses_start.jsonl"]
+    rows = [json.loads(line) for line in open(os.path.join(c.out, "responses_sft.jsonl"))]
+    assert len(rows) == 3 * 2
+    for row in rows:
+        for key in ("id", "sample", "prompt", "response", "thinking", "answer", "finish_reason",
+                    "think_len", "answer_len", "guiding_words"):
+            assert key in row
+        assert row["think_len"] + row["answer_len"] <= 16
+        if row["task_type"] == "writing":
+            assert row["reference_ppl"] > 1.0 and 0.0 <= row["reward"] <= 1.0
+    assert set(results) == {"start", "sft"}
+    assert json.load(open(os.path.join(c.out, "metrics.json")))["sft"]["responses"] == 6
+    report = open(os.path.join(c.out, "report.md")).read()
+    assert "| metric | start | sft |" in report and "| reference_ppl |" in report
+
+
+def test_benchmark_shaped_prompt_files(tmp_path):
+    path = tmp_path / "bench.jsonl"
+    path.write_text('{"query": "Write a poem.", "input": "About rain."}\n'
+                    '{"instruction": "Write a letter.", "answer": "Dear friend"}\n'
+                    '{"prompt": "Essay on owls", "id": "x7"}\n')
+    c = default_config()
+    c.prompts = str(path)
+    c.num_prompts = 0
+    rows = load_prompts(c)
+    assert [r["prompt"] for r in rows] == ["Write a poem.\n\nAbout rain.", "Write a letter.",
+                                           "Essay on owls"]
+    assert [r["reference"] for r in rows] == ["", "Dear friend", ""]
+    assert rows[2]["id"] == "x7"
+    path.write_text('{"prompt": "ok"}\n{"text": "no prompt here"}\n')
+    with pytest.raises(ValueError, match=r"bench.jsonl:2: no prompt field"):
+        load_prompts(c)
