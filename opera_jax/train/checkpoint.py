@@ -24,6 +24,7 @@ import logging
 import os
 import signal
 import threading
+from typing import Callable
 
 import grain
 import jax
@@ -154,3 +155,26 @@ class Checkpointer:
     def close(self) -> None:
         self._mngr.wait_until_finished()
         self._mngr.close()
+
+
+def end_step(step: int, state, *, ckpt: Checkpointer, writer, metrics: Callable[[], dict],
+             log_due: Callable[[int], bool], ckpt_due: Callable[[int], bool],
+             config: ml_collections.ConfigDict, data_iter=None) -> bool:
+    """The end of a host-loop step: log and checkpoint when due; on preemption, save and stop.
+
+    Args:
+      metrics: gives the step's metrics; called only when they are written (it may sync with
+        the device). `writer.write` raises on NaN/Inf, before any checkpoint is saved.
+      log_due / ckpt_due: `Every` helpers.
+    Returns:
+      True when the loop must stop (preemption signalled; the state is saved).
+    """
+    writer.advance()
+    preempted = ckpt.reached_preemption(step)
+    if log_due(step) or ckpt_due(step) or preempted:
+        writer.write(step, metrics())
+    if ckpt_due(step) or preempted:
+        ckpt.save(step, state, config=config, data_iter=data_iter)
+    if preempted:
+        log.warning("preemption signalled: saved step %d, stopping", step)
+    return preempted

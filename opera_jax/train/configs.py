@@ -7,6 +7,48 @@ Each function returns a fresh ml_collections.ConfigDict; every key is documented
 import ml_collections
 
 
+def _model(dtype: str) -> ml_collections.ConfigDict:
+    """The `model` section: where the weights come from and the dtype policy."""
+    m = ml_collections.ConfigDict()
+    m.hf_dir = ""                # a local HF Qwen3 directory; "" = random `preset` weights
+    m.preset = "tiny"
+    m.init_seed = 0
+    m.dtype = dtype              # compute
+    m.param_dtype = "float32"    # master weights and optimizer moments
+    m.remat = False
+    m.attention_impl = ""        # "" = platform default; xla | cudnn | splash
+    return m
+
+
+def _mesh() -> ml_collections.ConfigDict:
+    m = ml_collections.ConfigDict()
+    m.data = 1
+    m.fsdp = -1                  # -1 = all remaining devices
+    m.tensor = 1
+    m.num_devices = -1           # use the first n devices; -1 = all
+    return m
+
+
+def _data_source(path: str) -> ml_collections.ConfigDict:
+    """The keys every JSONL-reading trainer shares (rows, bad-row policy, shuffling)."""
+    d = ml_collections.ConfigDict()
+    d.path = path                # JSONL or *.array_record files; globs, comma-separated
+    d.write_toy_rows = 256       # write toy rows to `path` when missing (0: never)
+    d.on_bad_row = "skip"        # skip (warn with file:line) | raise
+    d.seed = 0                   # shuffle seed; every epoch reshuffles
+    d.enable_thinking = True
+    d.num_threads = 2            # tokenising threads ahead of the loop
+    return d
+
+
+def _checkpoint(every: int) -> ml_collections.ConfigDict:
+    k = ml_collections.ConfigDict()
+    k.every = every              # and always at the last step and on SIGTERM
+    k.keep = 2
+    k.async_save = True
+    return k
+
+
 def sft_tiny() -> ml_collections.ConfigDict:
     """SFT of the tiny preset on the toy domain (configs/sft_tiny.py)."""
     c = ml_collections.ConfigDict()
@@ -14,32 +56,14 @@ def sft_tiny() -> ml_collections.ConfigDict:
     c.workdir = "/tmp/opera_sft_tiny"
     c.seed = 0  # the train state's RNG
 
-    c.model = ml_collections.ConfigDict()
-    c.model.hf_dir = ""          # a local HF Qwen3 directory; "" = random `preset` weights
-    c.model.preset = "tiny"
-    c.model.init_seed = 0
-    c.model.dtype = "bfloat16"   # compute
-    c.model.param_dtype = "float32"  # master weights and optimizer moments
-    c.model.remat = False
-    c.model.attention_impl = ""  # "" = platform default; xla | cudnn | splash
+    c.model = _model("bfloat16")
 
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = 1
-    c.mesh.fsdp = -1             # -1 = all remaining devices
-    c.mesh.tensor = 1
-    c.mesh.num_devices = -1      # use the first n devices; -1 = all
+    c.mesh = _mesh()
 
-    c.data = ml_collections.ConfigDict()
-    # JSONL or *.array_record files (python -m opera_jax.data.records); globs, comma-separated
-    c.data.path = "/tmp/opera_sft_tiny/toy.jsonl"
-    c.data.write_toy_rows = 256  # write the toy set to `path` when missing (0: never)
-    c.data.on_bad_row = "skip"   # skip (warn with file:line) | raise
-    c.data.seed = 0              # shuffle seed; every epoch reshuffles
+    c.data = _data_source("/tmp/opera_sft_tiny/toy.jsonl")
     c.data.seq_len = 256         # T
     c.data.packing = True
     c.data.overlong = "drop"     # drop | truncate examples longer than seq_len
-    c.data.enable_thinking = True
-    c.data.num_threads = 2       # tokenising threads ahead of the loop
 
     c.sft = ml_collections.ConfigDict()
     c.sft.steps = 20
@@ -59,10 +83,7 @@ def sft_tiny() -> ml_collections.ConfigDict:
     c.optim.weight_decay = 0.01
     c.optim.clip_norm = 1.0      # global-norm clipping; <= 0 disables
 
-    c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.every = 10      # and always at the last step
-    c.checkpoint.keep = 2
-    c.checkpoint.async_save = True
+    c.checkpoint = _checkpoint(10)
     return c
 
 
@@ -73,14 +94,7 @@ def grpo_tiny() -> ml_collections.ConfigDict:
     c.workdir = "/tmp/opera_grpo_tiny"
     c.seed = 0  # the train state's RNG: every step's sampling seed derives from it
 
-    c.model = ml_collections.ConfigDict()
-    c.model.hf_dir = ""          # a local HF Qwen3 directory; "" = random `preset` weights
-    c.model.preset = "tiny"
-    c.model.init_seed = 0
-    c.model.dtype = "float32"    # compute (float32: the sampler's log-probs serve as old ones)
-    c.model.param_dtype = "float32"  # master weights and optimizer moments
-    c.model.remat = False
-    c.model.attention_impl = ""  # "" = platform default; xla | cudnn | splash
+    c.model = _model("float32")  # float32: the sampler's log-probs serve as old ones
 
     c.init = ml_collections.ConfigDict()
     c.init.checkpoint = ""       # Orbax dir (a run's workdir or its checkpoints/): params only
@@ -90,21 +104,11 @@ def grpo_tiny() -> ml_collections.ConfigDict:
     c.reference.checkpoint = ""  # both "" = the policy's initial weights (init / model source)
     c.reference.hf_dir = ""
 
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = 1
-    c.mesh.fsdp = -1             # -1 = all remaining devices
-    c.mesh.tensor = 1
-    c.mesh.num_devices = -1      # use the first n devices; -1 = all
+    c.mesh = _mesh()
 
-    c.data = ml_collections.ConfigDict()
-    # JSONL or *.array_record prompt rows: prompt, reference, task_type (writing | math)
-    c.data.path = "/tmp/opera_grpo_tiny/prompts.jsonl"
-    c.data.write_toy_rows = 256  # write toy prompt rows to `path` when missing (0: never)
-    c.data.on_bad_row = "skip"   # skip (warn with file:line) | raise
-    c.data.seed = 0              # shuffle seed; every epoch reshuffles
+    # prompt rows: prompt, reference, task_type (writing | math)
+    c.data = _data_source("/tmp/opera_grpo_tiny/prompts.jsonl")
     c.data.max_prompt_len = 64   # tokens after the chat template; longer prompts are skipped
-    c.data.enable_thinking = True
-    c.data.num_threads = 2       # tokenising threads ahead of the loop
 
     c.rollout = ml_collections.ConfigDict()
     c.rollout.num_prompts = 8    # prompts per RL step
@@ -160,10 +164,7 @@ def grpo_tiny() -> ml_collections.ConfigDict:
     c.optim.weight_decay = 0.01
     c.optim.clip_norm = 1.0      # global-norm clipping; <= 0 disables
 
-    c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.every = 5       # and always at the last step and on SIGTERM
-    c.checkpoint.keep = 2
-    c.checkpoint.async_save = True
+    c.checkpoint = _checkpoint(5)
     return c
 
 

@@ -63,7 +63,7 @@ from opera_jax.sampling import Sampler, default_eos_ids
 from opera_jax.tokenizer import special_token_ids
 from opera_jax.train import plots, rollout as rollout_lib
 from opera_jax.train import state as state_lib
-from opera_jax.train.checkpoint import Checkpointer, catch_sigterm
+from opera_jax.train.checkpoint import Checkpointer, catch_sigterm, end_step
 from opera_jax.train.grpo_loss import GRPOLossConfig, group_advantages, grpo_loss
 from opera_jax.train.metrics import MetricsWriter
 from opera_jax.train.periodic import Every
@@ -443,14 +443,9 @@ def train(config: ml_collections.ConfigDict, *, stop_after: int | None = None):
                 metrics["reward/adv_nonzero_frac"] = float(np.mean(advantages != 0))
                 if val_due(step):
                     metrics.update(run_validation())
-                writer.advance()
-                preempted = ckpt.reached_preemption(step)
-                if log_due(step) or ckpt_due(step) or preempted:
-                    writer.write(step, metrics)  # NaN/Inf raises here, before any checkpoint
-                if ckpt_due(step) or preempted:
-                    ckpt.save(step, state, config=config, data_iter=data_iter)
-                if preempted:
-                    log.warning("preemption signalled: saved step %d, stopping", step)
+                if end_step(step, state, ckpt=ckpt, writer=writer, metrics=lambda: metrics,
+                            log_due=log_due, ckpt_due=ckpt_due, config=config,
+                            data_iter=data_iter):
                     break
     finally:
         ckpt.close()  # waits for the last asynchronous save

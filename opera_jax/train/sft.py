@@ -34,7 +34,7 @@ from opera_jax.data.pipeline import sft_batches
 from opera_jax.data.records import open_rows
 from opera_jax.tokenizer import special_token_ids
 from opera_jax.train import state as state_lib
-from opera_jax.train.checkpoint import Checkpointer
+from opera_jax.train.checkpoint import Checkpointer, catch_sigterm, end_step
 from opera_jax.train.metrics import MetricsWriter, Throughput
 from opera_jax.train.periodic import Every
 from opera_jax.train.sft_loss import nll_sum
@@ -180,7 +180,7 @@ def train(config: ml_collections.ConfigDict, *, stop_after: int | None = None):
     meter = Throughput()
     global_shape = (config.sft.batch_size, config.data.seq_len)
     try:
-        with sh.activation_mesh(mesh):
+        with sh.activation_mesh(mesh), catch_sigterm():
             for step in range(start + 1, last + 1):
                 with jax.profiler.StepTraceAnnotation("train", step_num=step):
                     local = next(data_iter)
@@ -189,15 +189,11 @@ def train(config: ml_collections.ConfigDict, *, stop_after: int | None = None):
                              for k, v in local.items()}
                     state, metrics = step_fn(state, batch)
                 meter.add(np.count_nonzero(local["segment_ids"]) * jax.process_count())
-                writer.advance()
-                preempted = ckpt.reached_preemption(step)
-                if log_due(step) or ckpt_due(step) or preempted:
-                    # The only device->host sync; NaN/Inf raises here, before any checkpoint.
-                    writer.write(step, {**jax.device_get(metrics), **meter.rate()})
-                if ckpt_due(step) or preempted:
-                    ckpt.save(step, state, config=config, data_iter=data_iter)
-                if preempted:
-                    log.warning("preemption signalled: saved step %d, stopping", step)
+                # The only device->host sync is inside `metrics`, at log steps.
+                if end_step(step, state, ckpt=ckpt, writer=writer,
+                            metrics=lambda: {**jax.device_get(metrics), **meter.rate()},
+                            log_due=log_due, ckpt_due=ckpt_due, config=config,
+                            data_iter=data_iter):
                     break
     finally:
         ckpt.close()  # waits for the last asynchronous save
