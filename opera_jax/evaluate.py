@@ -226,6 +226,9 @@ def main(argv=None) -> None:
                 "top_k", "seed", "scorer", "dtype"):
         p.add_argument(f"--{key.replace('_', '-')}", type=type(defaults[key]), default=defaults[key])
     args = p.parse_args(argv)
+    from opera_jax import distributed
+
+    distributed.initialize()  # no-op for a single process
     labels = args.label or [os.path.basename(os.path.normpath(c)) or c for c in args.checkpoint]
     if len(labels) != len(args.checkpoint) or len(set(labels)) != len(labels):
         p.error("give one distinct --label per --checkpoint")

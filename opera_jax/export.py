@@ -99,6 +99,9 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", default=None, help="dtype of the written tensors, e.g. bfloat16")
     p.add_argument("--max-shard-gb", type=float, default=4.0)
     args = p.parse_args(argv)
+    from opera_jax import distributed
+
+    distributed.initialize()  # no-op for a single process
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
     t0 = time.perf_counter()

@@ -83,6 +83,9 @@ def run(train_fn: Callable[[ml_collections.ConfigDict], Any],
             raise app.UsageError(f"unexpected arguments: {args[1:]}")
         if flags.FLAGS.config is None:
             raise app.UsageError("--config=<file.py> is required")
+        from opera_jax import distributed
+
+        distributed.initialize()  # no-op for a single process
         train_fn(flags.FLAGS.config)
 
     app.run(main, argv=argv, flags_parser=parse)
