@@ -75,8 +75,10 @@ class RewardConfig:
       prefill_chunk: the prompt + response pass is run in chunks of this many tokens (bounds
         the attention scores held at once).
       logprob_chunk: positions per chunk of the float32 log-softmax.
-      min_bucket: smallest padded token length; lengths are padded up to buckets (16 per
-        octave) so new lengths rarely recompile.
+      min_bucket: smallest padded token length; lengths are padded up to buckets so new
+        lengths rarely recompile.
+      buckets_per_octave: how finely lengths and counts are bucketed (a power of two): 16
+        pads little, 2 compiles few shapes (RL, where lengths change every step).
     """
 
     rank_weight: float = 0.3
@@ -94,6 +96,7 @@ class RewardConfig:
     prefill_chunk: int = 1024
     logprob_chunk: int = 512
     min_bucket: int = 64
+    buckets_per_octave: int = 16
 
     def __post_init__(self):
         # Frozen: coerce through object.__setattr__ so string values become enums / tuples.
@@ -114,6 +117,9 @@ class RewardConfig:
                              f"{self.max_segments}")
         if self.group_size is not None and self.group_size < 1:
             raise ValueError(f"RewardConfig.group_size must be >= 1 or None, got {self.group_size}")
+        per = self.buckets_per_octave
+        if per < 1 or per & (per - 1):
+            raise ValueError(f"RewardConfig.buckets_per_octave must be a power of two, got {per}")
         for name in ("batch_size", "contexts_per_step", "cache_windows", "prefill_chunk",
                      "logprob_chunk", "min_bucket"):
             if getattr(self, name) < 1:

@@ -90,13 +90,14 @@ def _pack(sequences, references, contexts, config: RewardConfig):
       (the kernel's array arguments, the static window sizes, the context order: the kernel's
       i-th LP belongs to context order[i] of the call, counted sample by sample).
     """
-    b = bucket_size(len(sequences))
-    p = bucket_size(max(len(s) for s in sequences), config.min_bucket)
+    per = config.buckets_per_octave
+    b = bucket_size(len(sequences), 1, per)
+    p = bucket_size(max(len(s) for s in sequences), config.min_bucket, per)
     # Equal prefill chunks of at most `prefill_chunk` tokens (multiples of 8) covering p.
     n_chunks = -(-p // config.prefill_chunk)
     chunk = _round_up(-(-p // n_chunks), 8)
     p = n_chunks * chunk
-    r = bucket_size(max(len(a) for a in references), config.min_bucket)
+    r = bucket_size(max(len(a) for a in references), config.min_bucket, per)
     tokens = np.zeros((b, p), np.int32)
     lengths = np.zeros((b,), np.int32)
     reference = np.zeros((b, r), np.int32)
@@ -119,7 +120,7 @@ def _pack(sequences, references, contexts, config: RewardConfig):
     order = np.argsort(np.asarray(visible), kind="stable")
     n = len(order)
     per_step = min(config.contexts_per_step, 1 << max(0, (n - 1).bit_length()))
-    steps = bucket_size(-(-n // per_step))
+    steps = bucket_size(-(-n // per_step), 1, per)
     pad = steps * per_step - n
     ctx_arrays = [np.concatenate([np.asarray(x, np.int32)[order], np.zeros(pad, np.int32)])
                   .reshape(steps, per_step) for x in (rows, visible, first)]

@@ -130,6 +130,7 @@ def grpo_tiny() -> ml_collections.ConfigDict:
     c.reward.lp_impl = "kernel"  # kernel | naive
     c.reward.batch_size = 8      # responses per scoring call
     c.reward.min_bucket = 64
+    c.reward.buckets_per_octave = 2  # coarse: RL lengths change every step (fewer compiles)
 
     c.loss = ml_collections.ConfigDict()  # opera_jax.train.grpo_loss.GRPOLossConfig fields
     c.loss.clip_low = 0.2
@@ -230,4 +231,39 @@ def default() -> ml_collections.ConfigDict:
     c.eval = evaluate.default_config()
     c.eval.num_prompts = 32
     c.eval.scorer = "sft"        # one yardstick for both models: the SFT model scores LP
+    return c
+
+
+def grpo_published(hf_dir: str = "") -> ml_collections.ConfigDict:
+    """GRPO with the published OPERA hyperparameters (OPERA_METHOD.md §3) on a real checkpoint.
+
+    Kept exactly: G = 16, temperature 1, top-p 1, 8 optimizer updates per RL step (1 PPO epoch),
+    AdamW lr 1e-6 (0.9, 0.999) wd 0.01, clip 1.0, 40 % linear warm-up then constant, PPO clip
+    0.2 / dual clip 3, k3 KL 0.001 as a loss, token-mean. The setup files (configs/grpo_qwen3_*)
+    size the batch, lengths and mesh for their hardware.
+    """
+    c = grpo_tiny()
+    c.workdir = "/tmp/opera_grpo"
+    c.model.hf_dir = hf_dir      # architecture, tokenizer and (without init) weights
+    c.model.preset = ""          # only when hf_dir is "": random weights (benchmarks)
+    c.model.dtype = "bfloat16"   # compute; old log-probs are then recomputed (see grpo.py)
+    c.model.remat = True
+    c.data.path = "/data/opera/rl_prompts.jsonl"
+    c.data.write_toy_rows = 0
+    c.data.num_threads = 4
+    c.rollout.n = 16             # published G
+    c.reward.min_bucket = 256
+    c.reward.buckets_per_octave = 4  # ≤ 25 % padding, few compiles as lengths drift
+    c.grpo.num_minibatches = 8   # published: 8 updates per RL step, 1 PPO epoch
+    c.grpo.chunk_size = 1024
+    c.grpo.steps = 200
+    c.validation.every = 10
+    c.validation.path = "/data/opera/val_prompts.jsonl"
+    c.validation.num_prompts = 64
+    c.validation.n = 4
+    c.optim.lr = 1e-6
+    c.optim.schedule = "constant"
+    c.optim.warmup_frac = 0.4
+    c.checkpoint.every = 10
+    c.checkpoint.keep = 3
     return c

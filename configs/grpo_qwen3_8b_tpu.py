@@ -1,0 +1,30 @@
+"""GRPO of Qwen3-8B on a TPU v5p / v6e host with the published OPERA settings.
+
+    launch/tpu_vm.sh opera-v6e us-east5-b v6e-8 configs/grpo_qwen3_8b_tpu.py \\
+        --config.model.hf_dir=/mnt/ckpt/Qwen3-8B-sft --config.data.path=/mnt/data/rl.jsonl \\
+        --config.validation.path=/mnt/data/val.jsonl --config.workdir=/mnt/runs/opera_8b
+
+One host's chips (v5p-8: 4 chips × 95 GB; v6e-8: 8 chips × 32 GB) as one fsdp × tensor mesh;
+Pallas splash attention for the causal training passes. GRPO runs in one process today (its
+rollouts gather on one host), so a multi-host slice needs the multi-process rollout first;
+SFT (configs/sft_tiny.py with a real `model.hf_dir`) already runs on whole slices.
+Published settings as in configs/grpo_qwen3_8b_gpu8.py; on v6e-8 (256 GB HBM in all) the
+rollout is split into 2 prompts × 16 rows per sampler call.
+"""
+
+from opera_jax.train.configs import grpo_published
+
+
+def get_config():
+    c = grpo_published("/mnt/ckpt/Qwen3-8B-sft")
+    c.workdir = "/mnt/runs/opera_grpo_8b"
+    c.model.preset = "qwen3-8b"
+    c.model.attention_impl = "splash"
+    c.mesh.fsdp = -1
+    c.data.max_prompt_len = 6144
+    c.rollout.num_prompts = 64
+    c.rollout.max_new_tokens = 10240
+    c.rollout.prompts_per_call = 2
+    c.grpo.grad_accum = 16
+    c.grpo.peak_flops = 918e12   # v6e per chip, dense bf16 (v5p: 459e12)
+    return c
