@@ -4,10 +4,10 @@
         --config.model.hf_dir=/mnt/ckpt/Qwen3-8B-sft --config.data.path=/mnt/data/rl.jsonl \\
         --config.validation.path=/mnt/data/val.jsonl --config.workdir=/mnt/runs/opera_8b
 
-One host's chips (v5p-8: 4 chips × 95 GB; v6e-8: 8 chips × 32 GB) as one fsdp × tensor mesh;
-Pallas splash attention for the causal training passes. GRPO runs in one process today (its
-rollouts gather on one host), so a multi-host slice needs the multi-process rollout first;
-SFT (configs/sft_tiny.py with a real `model.hf_dir`) already runs on whole slices.
+One host's chips (v5p-8: 4 chips × 95 GB; v6e-8: 8 chips × 32 GB) as one fsdp mesh; Pallas
+splash attention for the causal training passes. Larger slices (v5p-32, v6e-32, …) run the same
+config on every worker (launch/tpu_vm.sh): the mesh spans all hosts, every process runs the same
+rollout and reward bookkeeping on the global batch.
 Published settings as in configs/grpo_qwen3_8b_gpu8.py; on v6e-8 (256 GB HBM in all) the
 rollout is split into 2 prompts × 16 rows per sampler call.
 """

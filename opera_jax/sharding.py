@@ -23,7 +23,7 @@ from typing import Sequence
 import jax
 import numpy as np
 from flax import nnx
-from jax.experimental import mesh_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -121,6 +121,19 @@ def activation_mesh(mesh: Mesh | None):
 
 def current_mesh() -> Mesh | None:
     return _ACTIVE_MESH.get()
+
+
+def to_host(tree):
+    """`jax.device_get` that also works across processes: an array spread over other
+    processes' devices (not fully addressable, not replicated) is gathered to every process
+    first (`process_allgather`, a collective: every process must call it). Single-process:
+    exactly `jax.device_get`."""
+    def gather(x):
+        if (isinstance(x, jax.Array) and not x.is_fully_addressable
+                and not x.is_fully_replicated):
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return x
+    return jax.device_get(jax.tree.map(gather, tree))
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:

@@ -1,7 +1,8 @@
 """Multi-process runs: the launch environment, and two CPU processes forming one mesh.
 
-Two processes with 2 fake CPU devices each (gloo collectives) run 3 SFT steps on a mesh that
-spans both; the losses equal those of one process with 4 fake devices.
+Two processes with 2 fake CPU devices each (gloo collectives) run 3 SFT steps, and 2 GRPO
+steps, on a mesh that spans both; the losses (GRPO: reward, loss, KL) equal those of one
+process with 4 fake devices.
 """
 
 import json
@@ -69,4 +70,31 @@ def test_two_processes_equal_one_process(tmp_path):
     assert len(one_losses) == 3 and one_losses[0] > one_losses[-1]
     assert two_losses == pytest.approx(one_losses, rel=1e-5)
     # one writer: only process 0 wrote metrics
+    assert os.path.exists(tmp_path / "two" / "metrics.jsonl")
+
+
+GRPO_WORKER = os.path.join(os.path.dirname(__file__), "multiprocess_grpo_worker.py")
+
+
+def test_grpo_two_processes_equal_one_process(tmp_path):
+    """2 GRPO pulse steps (rollout, OPERA reward, update) on a mesh spanning two processes
+    with 2 fake devices each: the same metrics as one process with 4 devices."""
+    port = _free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, GRPO_WORKER, str(tmp_path / "two")], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+        env=_env(2, OPERA_COORDINATOR=f"127.0.0.1:{port}", OPERA_NUM_PROCESSES="2",
+                 OPERA_PROCESS_ID=str(i))) for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    one = subprocess.run([sys.executable, GRPO_WORKER, str(tmp_path / "one")],
+                         capture_output=True, text=True, env=_env(4), timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two_rows, one_rows = _losses(outs[0][0]), _losses(one.stdout)
+    assert len(one_rows) == 2 and one_rows[1]["kl"] > 0
+    # abs: the step-1 loss is on-policy (ratio 1), a sum of O(1) advantage terms that cancel
+    # to ~1e-4, so the float32 reduction order across processes shows at ~1e-8 absolute.
+    for a, b in zip(two_rows, one_rows, strict=True):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-7)
     assert os.path.exists(tmp_path / "two" / "metrics.jsonl")

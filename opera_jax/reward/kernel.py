@@ -42,6 +42,7 @@ from flax import nnx
 from opera_jax.model import KVCache
 from opera_jax.reward.config import RewardConfig
 from opera_jax.reward.contexts import Context, bucket_size
+from opera_jax.sharding import to_host
 
 # Traces of the jitted kernel (a test checks that equal bucket sizes do not retrace).
 TRACE_COUNT: collections.Counter = collections.Counter()
@@ -75,7 +76,7 @@ def reference_logprobs(model, sequences: Sequence[Sequence[int]],
         lp_sorted = _kernel(graphdef, state, *packed, temperature, windows=windows,
                             logprob_chunk=config.logprob_chunk)
         lp = np.empty((len(order),), np.float32)
-        lp[order] = np.asarray(jax.device_get(lp_sorted), np.float32)[:len(order)]
+        lp[order] = np.asarray(to_host(lp_sorted), np.float32)[:len(order)]
         pos = 0
         for ctx in contexts[sl]:
             out.append(lp[pos:pos + len(ctx)])

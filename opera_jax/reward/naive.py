@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from opera_jax.reward.contexts import Context, bucket_size
+from opera_jax.sharding import to_host
 
 
 def naive_reference_logprobs(model, sequences: Sequence[Sequence[int]],
@@ -66,7 +67,7 @@ def naive_reference_logprobs(model, sequences: Sequence[Sequence[int]],
             tokens[j, :len(toks)] = toks
         out = _forward(graphdef, state, tokens, ref_start, ref_len, jnp.float32(temperature),
                        ref_bucket=r, logprob_chunk=logprob_chunk)
-        lp[idx] = np.asarray(jax.device_get(out))[:len(idx)]
+        lp[idx] = np.asarray(to_host(out))[:len(idx)]
     result, pos = [], 0
     for ctx in contexts:
         result.append(lp[pos:pos + len(ctx)])

@@ -3,7 +3,8 @@
 It pads what would otherwise recompile into a few buckets — prompt length and prompt count to
 powers of two (at least 16 and 1), decode capacity to a power of two (at least 16), stop lists
 to multiples of 4 strings × 8 bytes — places the inputs on the mesh, runs `loop.prefill` and
-`loop.decode`, and brings the result back as numpy (one explicit `device_get`).
+`loop.decode`, and brings the result back as numpy (one explicit `sharding.to_host`: a
+`device_get`, gathered to every process when the mesh spans several).
 
     sampler = Sampler(model, token_pieces=token_bytes(tok), eos_ids=[eos], pad_id=pad, mesh=mesh)
     out = sampler.sample([[1, 2, 3], [4, 5]], max_new_tokens=64, temperature=0.6, n=4)
@@ -22,7 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from opera_jax.sampling import filters, loop, stops
-from opera_jax.sharding import named_sharding, state_shardings
+from opera_jax.sharding import named_sharding, state_shardings, to_host
 
 
 def _pow2(x: int, minimum: int) -> int:
@@ -185,7 +186,7 @@ class Sampler:
         out = loop.decode(self.graphdef, self.params, cache, logits,
                           self._put(np.repeat(lengths, n), ("batch",)), row_params, stop_arrays,
                           self._put(np.int32(seed)), config=config)
-        out, prompt_lp = jax.device_get((out, prompt_lp))
+        out, prompt_lp = to_host((out, prompt_lp))  # gathered across processes if needed
         if prompt_lp is not None:
             prompt_lp = [prompt_lp[i, plen - len(x):plen - 1] for i, x in enumerate(prompts)]
         keep = count * n

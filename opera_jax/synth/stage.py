@@ -133,6 +133,10 @@ def synthesize(config: ml_collections.ConfigDict, *, teacher=None, stop_after: i
     # ---- setup ----
     if config.get("stage", "synth") != "synth":
         raise ValueError(f"config.stage is {config.stage!r}; this stage runs 'synth'")
+    if jax.process_count() > 1:
+        # Every process would append the same records to one file.
+        raise NotImplementedError("synthesis runs in one process (one host, any number of its "
+                                  "devices); run it on one host or split the prompt file")
     settings, batching = settings_from(config)
     fingerprint, name = config_hash(config), teacher_name(config.teacher)
 

@@ -36,6 +36,10 @@ Checkpoints hold params, optimizer state, step, RNG, the prompt iterator's posit
 config; rerunning the same command resumes; SIGTERM saves after the current step and stops.
 The RL loop is synchronous by nature (rollout needs the new weights), so every step ends with
 one explicit device_get of its metrics.
+Several processes (jax.distributed): every process reads the same global prompt batch and runs
+the same host-side logic (sampling bookkeeping, reward, advantages) on all rows; the device
+computations take global arrays on the mesh spanning all processes, and their results come back
+to every process (`sharding.to_host`). Only process 0 writes metrics; checkpoints are collective.
 """
 
 from __future__ import annotations
@@ -206,9 +210,6 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
                          f"split into grpo.num_minibatches x grpo.grad_accum = {parts} micro-"
                          f"batches whose size is a multiple of the data x fsdp mesh size {shards}")
     OldLogprobs(config.rollout.old_logprobs)
-    if jax.process_count() > 1:
-        raise NotImplementedError("GRPO runs in one process for now: the sampler and the reward "
-                                  "bring the whole batch to this host")
 
 
 def reward_config(config: ml_collections.ConfigDict, group_size: int) -> RewardConfig:
@@ -326,7 +327,7 @@ def train(config: ml_collections.ConfigDict, *, stop_after: int | None = None):
     data_iter = iter(rollout_lib.prompt_batches(
         records, tokenizer, batch_size=config.rollout.num_prompts, seed=config.data.seed,
         max_prompt_len=config.data.max_prompt_len, enable_thinking=config.data.enable_thinking,
-        num_threads=config.data.num_threads))
+        num_threads=config.data.num_threads, per_host=False))
     val_rows = []
     if config.validation.every > 0:  # held-out prompts: a file, or the toy domain's held-out set
         held_out = (open_rows(config.validation.path, required=rollout_lib.PROMPT_FIELDS,
@@ -373,7 +374,7 @@ def train(config: ml_collections.ConfigDict, *, stop_after: int | None = None):
         params = source_params(config.model, mesh, params_abstract,
                                checkpoint=config.init.checkpoint, step=config.init.step)
         state = state_lib.init_state(params, tx, abstract, seed=config.seed)
-    rng_data = np.asarray(jax.device_get(state.rng))
+    rng_data = np.asarray(sh.to_host(state.rng))
 
     # ---- loop ----
     update_fn = jax.jit(update, in_shardings=(state_sharding, None),
@@ -433,7 +434,7 @@ def train(config: ml_collections.ConfigDict, *, stop_after: int | None = None):
                     jax.block_until_ready(batch)  # only to time the log-prob passes
                     t3 = time.perf_counter()
                     state, metrics = update_fn(state, batch)
-                    metrics = jax.device_get(metrics)  # the step's one sync; NaN checked below
+                    metrics = sh.to_host(metrics)  # the step's one sync; NaN checked below
                     t4 = time.perf_counter()
                 metrics.update(rollout_lib.reward_metrics(result, ro, "reward/"),
                                **rollout_lib.response_stats(ro, tokenizer, **stats))

@@ -65,16 +65,20 @@ class TokenizePrompt:
 
 def prompt_batches(records: Sequence[dict], tokenizer, *, batch_size: int, seed: int,
                    max_prompt_len: int, enable_thinking: bool = True, shuffle: bool = True,
-                   num_epochs: int | None = None, num_threads: int = 2) -> grain.IterDataset:
-    """This host's prompt batches: lists of `TokenizePrompt` dicts, `batch_size / hosts` each.
+                   num_epochs: int | None = None, num_threads: int = 2,
+                   per_host: bool = True) -> grain.IterDataset:
+    """This host's prompt batches: lists of `TokenizePrompt` dicts, `batch_size / hosts` each;
+    with `per_host=False` every host reads the same global batches of `batch_size` (GRPO's
+    host-side sampling and reward work on the whole batch in every process).
 
     Reuses the SFT pipeline's seeded, per-epoch reshuffled, host-strided source, so the
     iterator's position checkpoints the same way (`Checkpointer.save(data_iter=…)`).
     """
-    count = jax.process_count()
+    count = jax.process_count() if per_host else 1
     if batch_size % count:
         raise ValueError(f"{batch_size} prompts per step are not divisible by {count} hosts")
-    ds = shuffled_source(records, seed=seed, shuffle=shuffle, num_epochs=num_epochs)
+    ds = shuffled_source(records, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
+                         **({} if per_host else dict(process_index=0, process_count=1)))
     ds = ds.map(TokenizePrompt(tokenizer, max_prompt_len=max_prompt_len,
                                enable_thinking=enable_thinking))
     ds = ds.filter(lambda ex: ex is not None)
