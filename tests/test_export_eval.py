@@ -26,21 +26,25 @@ from opera_jax.train.sft import train
 IDS = np.random.RandomState(0).randint(0, 1024, (2, 12)).astype(np.int32)
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, hf_tiny):
-    tmp = tmp_path_factory.mktemp("export")
+def _sft_run(tmp, hf_dir, *, num_devices):
     c = sft_tiny()
-    c.workdir = str(tmp / "run")
-    c.model.hf_dir = hf_tiny[0]
+    c.workdir = str(tmp / f"run{num_devices}")
+    c.mesh.num_devices = num_devices
+    c.model.hf_dir = hf_dir
     c.model.dtype = "float32"
     c.data.path = write_jsonl(tmp / "toy.jsonl", examples(32, seed=0))
     c.data.write_toy_rows = 0
     c.data.num_threads = 0
     c.sft.steps = 2
+    return train(c), c.workdir
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, hf_tiny):
     assert jax.device_count() == 8  # written from an 8-way fsdp mesh
-    state = train(c)
+    state, workdir = _sft_run(tmp_path_factory.mktemp("export"), hf_tiny[0], num_devices=-1)
     assert state.params["embed_tokens"].sharding.spec[1] == "fsdp"
-    return c.workdir
+    return workdir
 
 
 def _logits(model):
@@ -59,6 +63,18 @@ def test_restore_on_one_device_and_on_eight(run_dir, hf_tiny):
     with torch.no_grad():
         start = hf_tiny[1](torch.tensor(IDS, dtype=torch.long)).logits.numpy()
     assert np.abs(_logits(one) - start).max() > 1e-3
+
+
+def test_one_device_checkpoint_restores_on_eight(tmp_path, hf_tiny, run_dir):
+    state, workdir = _sft_run(tmp_path, hf_tiny[0], num_devices=1)
+    assert len(state.params["embed_tokens"].sharding.device_set) == 1
+    eight, _, _, _ = load_checkpoint(workdir, mesh=make_mesh(2, 2, 2))
+    assert len(eight.embed_tokens[...].sharding.device_set) == 8
+    one, _, _, _ = load_checkpoint(workdir, mesh=make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+    np.testing.assert_allclose(_logits(eight), _logits(one), atol=1e-5)
+    # the same data and seed on 8 devices and on 1 give the same trained model
+    same, _, _, _ = load_checkpoint(run_dir)
+    np.testing.assert_allclose(_logits(same), _logits(one), atol=1e-4)
 
 
 def test_export_round_trip_through_transformers(run_dir, tmp_path):
