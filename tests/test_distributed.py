@@ -49,28 +49,34 @@ def _env(devices: int, **extra) -> dict:
     return env
 
 
-def _losses(stdout: str) -> list[float]:
+def _last_json(stdout: str):
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-def test_two_processes_equal_one_process(tmp_path):
+def _two_and_one(worker: str, tmp_path, timeout: int):
+    """Runs `worker` as 2 processes × 2 devices, then as 1 process × 4 devices; returns the
+    JSON each run's process 0 printed last."""
     port = _free_port()
     procs = [subprocess.Popen(
-        [sys.executable, WORKER, str(tmp_path / "two")], stdout=subprocess.PIPE,
+        [sys.executable, worker, str(tmp_path / "two")], stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True,
         env=_env(2, OPERA_COORDINATOR=f"127.0.0.1:{port}", OPERA_NUM_PROCESSES="2",
                  OPERA_PROCESS_ID=str(i))) for i in range(2)]
-    outs = [p.communicate(timeout=400) for p in procs]
+    outs = [p.communicate(timeout=timeout) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
-    one = subprocess.run([sys.executable, WORKER, str(tmp_path / "one")], capture_output=True,
-                         text=True, env=_env(4), timeout=400)
+    one = subprocess.run([sys.executable, worker, str(tmp_path / "one")], capture_output=True,
+                         text=True, env=_env(4), timeout=timeout)
     assert one.returncode == 0, one.stderr[-3000:]
-    two_losses, one_losses = _losses(outs[0][0]), _losses(one.stdout)
-    assert len(one_losses) == 3 and one_losses[0] > one_losses[-1]
-    assert two_losses == pytest.approx(one_losses, rel=1e-5)
     # one writer: only process 0 wrote metrics
     assert os.path.exists(tmp_path / "two" / "metrics.jsonl")
+    return _last_json(outs[0][0]), _last_json(one.stdout)
+
+
+def test_two_processes_equal_one_process(tmp_path):
+    two_losses, one_losses = _two_and_one(WORKER, tmp_path, timeout=400)
+    assert len(one_losses) == 3 and one_losses[0] > one_losses[-1]
+    assert two_losses == pytest.approx(one_losses, rel=1e-5)
 
 
 GRPO_WORKER = os.path.join(os.path.dirname(__file__), "multiprocess_grpo_worker.py")
@@ -79,22 +85,9 @@ GRPO_WORKER = os.path.join(os.path.dirname(__file__), "multiprocess_grpo_worker.
 def test_grpo_two_processes_equal_one_process(tmp_path):
     """2 GRPO pulse steps (rollout, OPERA reward, update) on a mesh spanning two processes
     with 2 fake devices each: the same metrics as one process with 4 devices."""
-    port = _free_port()
-    procs = [subprocess.Popen(
-        [sys.executable, GRPO_WORKER, str(tmp_path / "two")], stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True,
-        env=_env(2, OPERA_COORDINATOR=f"127.0.0.1:{port}", OPERA_NUM_PROCESSES="2",
-                 OPERA_PROCESS_ID=str(i))) for i in range(2)]
-    outs = [p.communicate(timeout=600) for p in procs]
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
-    one = subprocess.run([sys.executable, GRPO_WORKER, str(tmp_path / "one")],
-                         capture_output=True, text=True, env=_env(4), timeout=600)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two_rows, one_rows = _losses(outs[0][0]), _losses(one.stdout)
+    two_rows, one_rows = _two_and_one(GRPO_WORKER, tmp_path, timeout=600)
     assert len(one_rows) == 2 and one_rows[1]["kl"] > 0
     # abs: the step-1 loss is on-policy (ratio 1), a sum of O(1) advantage terms that cancel
     # to ~1e-4, so the float32 reduction order across processes shows at ~1e-8 absolute.
     for a, b in zip(two_rows, one_rows, strict=True):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-7)
-    assert os.path.exists(tmp_path / "two" / "metrics.jsonl")
