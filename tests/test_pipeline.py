@@ -69,3 +69,15 @@ def test_stage_errors(tmp_path):
     c.stages = "sft"
     with pytest.raises(FileNotFoundError, match=r"stage 'sft' needs .*records.jsonl"):
         pipeline.run(c)
+
+
+def test_main_command_rejects_unknown_keys_of_the_embedded_default():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "opera_jax.train", "--config.grpo.grpo.stepz=3"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().endswith(
+        "unknown config key 'grpo.grpo.stepz'; valid keys under 'grpo.grpo': chunk_size, "
+        "grad_accum, log_every, num_minibatches, peak_flops, steps")

@@ -58,18 +58,20 @@ def run(train_fn: Callable[[ml_collections.ConfigDict], Any],
     from absl import app, flags
     from ml_collections import config_flags
 
+    # Unknown keys are reported before absl sees them: with a default config file, defining
+    # the flag already applies the command line's overrides (and fails with a traceback).
+    args = list(sys.argv if argv is None else argv)
+    spec = next((a.split("=", 1)[1] for a in args if a.startswith("--config=")), default_config)
+    if spec is not None:
+        message = check_overrides(load_config_file(spec), args)
+        if message:
+            print(message, file=sys.stderr)
+            sys.exit(2)
     if "config" not in flags.FLAGS:
         config_flags.DEFINE_config_file("config", default_config, "ml_collections config file",
                                         lock_config=True)
 
     def parse(argv):
-        spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")),
-                    default_config)
-        if spec is not None:
-            message = check_overrides(load_config_file(spec), argv)
-            if message:
-                print(message, file=sys.stderr)
-                sys.exit(2)
         try:
             return flags.FLAGS(argv)
         except flags.Error as e:  # a bad value: the message names the flag
