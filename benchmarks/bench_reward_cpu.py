@@ -26,21 +26,9 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from opera_jax.model import Qwen3, Qwen3Config  # noqa: E402
-from opera_jax.reward import (Context, RewardConfig, naive_reference_logprobs,  # noqa: E402
+from opera_jax.reward import (RewardConfig, naive_reference_logprobs,  # noqa: E402
                               reference_logprobs)
-
-
-def make_inputs(rng, *, batch, prompt, response, segments, reference, vocab):
-    """Random prompt + response ids, reference ids and contexts [full, initial, K cuts]."""
-    sequences, references, contexts = [], [], []
-    for _ in range(batch):
-        sequences.append(rng.integers(0, vocab, prompt + response).tolist())
-        references.append(rng.integers(0, vocab, reference).tolist())
-        cuts = np.sort(rng.choice(np.arange(2, response), segments - 1, replace=False))
-        ctx = [Context(prompt + response), Context(prompt + 1)]
-        ctx += [Context(prompt + int(c)) for c in cuts] + [Context(prompt + response - 1)]
-        contexts.append(ctx)
-    return sequences, references, contexts
+from reward_inputs import make_inputs  # noqa: E402  (benchmarks/ is the script's folder)
 
 
 def timed(fns: dict, repeats: int) -> dict:

@@ -29,20 +29,8 @@ import numpy as np
 from flax import nnx
 
 from opera_jax.model import Qwen3, Qwen3Config
-from opera_jax.reward import Context, RewardConfig, naive_reference_logprobs, reference_logprobs
-
-
-def make_inputs(rng, *, batch, prompt, response, segments, reference, vocab):
-    """Random prompt + response ids, reference ids and contexts [full, initial, K cuts]."""
-    sequences, references, contexts = [], [], []
-    for _ in range(batch):
-        sequences.append(rng.integers(0, vocab, prompt + response).tolist())
-        references.append(rng.integers(0, vocab, reference).tolist())
-        cuts = np.sort(rng.choice(np.arange(2, response), segments - 1, replace=False))
-        ctx = [Context(prompt + response), Context(prompt + 1)]
-        ctx += [Context(prompt + int(c)) for c in cuts] + [Context(prompt + response - 1)]
-        contexts.append(ctx)
-    return sequences, references, contexts
+from opera_jax.reward import RewardConfig, naive_reference_logprobs, reference_logprobs
+from reward_inputs import make_inputs  # benchmarks/ is the script's folder
 
 
 def build_model(cfg, dtype, seed=0):

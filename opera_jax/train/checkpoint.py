@@ -139,6 +139,18 @@ class Checkpointer:
                             "\n  %s", step, "\n  ".join(diff))
         return out.state, out.config
 
+    def restore_or_init(self, abstract_state, init: Callable[[], object], *,
+                        data_iter: grain.DatasetIterator | None = None,
+                        config: ml_collections.ConfigDict | None = None):
+        """(state, step): the newest checkpoint restored (see `restore`), or `init()` at step 0
+        when there is none yet. Rerunning a command therefore resumes it."""
+        start = self.latest_step() or 0
+        if not start:
+            return init(), 0
+        state, _ = self.restore(start, abstract_state, data_iter=data_iter, config=config)
+        log.info("resumed from step %d", start)
+        return state, start
+
     def restore_params(self, step: int, abstract_params):
         """Only `state.params` of checkpoint `step`, each array read straight into the sharding
         and dtype of `abstract_params` (a tree of ShapeDtypeStructs); nothing else is read."""

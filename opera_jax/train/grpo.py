@@ -366,14 +366,12 @@ def train(config: ml_collections.ConfigDict, *, stop_after: int | None = None):
     # fresh optimizer. The reference was loaded above from its own source either way.
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
                         async_save=config.checkpoint.async_save)
-    start = ckpt.latest_step() or 0
-    if start:
-        state, _ = ckpt.restore(start, abstract, data_iter=data_iter, config=config)
-        log.info("resumed from step %d", start)
-    else:
+    def fresh():
         params = source_params(config.model, mesh, params_abstract,
                                checkpoint=config.init.checkpoint, step=config.init.step)
-        state = state_lib.init_state(params, tx, abstract, seed=config.seed)
+        return state_lib.init_state(params, tx, abstract, seed=config.seed)
+
+    state, start = ckpt.restore_or_init(abstract, fresh, data_iter=data_iter, config=config)
     rng_data = np.asarray(sh.to_host(state.rng))
 
     # ---- loop ----

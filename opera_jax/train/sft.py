@@ -163,13 +163,10 @@ def train(config: ml_collections.ConfigDict, *, stop_after: int | None = None):
     # (differences are logged). Without a checkpoint: load/initialise params, fresh optimizer.
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
                         async_save=config.checkpoint.async_save)
-    start = ckpt.latest_step() or 0
-    if start:
-        state, _ = ckpt.restore(start, abstract, data_iter=data_iter, config=config)
-        log.info("resumed from step %d", start)
-    else:
-        params = state_lib.load_params(config.model, mesh)
-        state = state_lib.init_state(params, tx, abstract, seed=config.seed)
+    state, start = ckpt.restore_or_init(
+        abstract, lambda: state_lib.init_state(state_lib.load_params(config.model, mesh), tx,
+                                               abstract, seed=config.seed),
+        data_iter=data_iter, config=config)
 
     # ---- loop ----
     step_fn = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
