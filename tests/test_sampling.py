@@ -229,11 +229,12 @@ def test_cache_is_sharded_on_the_mesh(loaded):
     tokens = s._put(np.ones((4, 16), np.int32), ("batch", None))
     cache, logits, _ = loop.prefill(s.graphdef, s.params, tokens,
                                  s._put(np.full((4,), 16, np.int32), ("batch",)), config=config)
-    assert cache.k.shape == (2, 8, 32, 2, 32) and logits.shape == (8, 1024)
-    spec = cache.k.sharding.spec
-    assert spec[1] == ("data", "fsdp") and spec[3] == "tensor"
-    assert len(cache.k.addressable_shards) == 8
-    assert cache.k.addressable_shards[0].data.shape == (2, 2, 32, 1, 32)
+    assert len(cache.k) == 2 and cache.k[0].shape == (8, 2, 32, 32)
+    assert logits.shape == (8, 1024)
+    spec = cache.k[0].sharding.spec  # [B, K, S, H]
+    assert spec[0] == ("data", "fsdp") and spec[1] == "tensor"
+    assert len(cache.k[0].addressable_shards) == 8
+    assert cache.k[0].addressable_shards[0].data.shape == (2, 1, 32, 32)
 
 
 def test_set_params_samples_from_new_weights(loaded, sampler):

@@ -61,30 +61,40 @@ def rotary(x, positions, theta: float):
 
 @flax.struct.dataclass
 class KVCache:
-    """Preallocated keys/values of every layer.
+    """Preallocated keys/values, one array per layer.
 
     Slots [0, end) are written; new tokens go to [end, end + T). `segment_ids` gives each slot's
     segment (0 = empty or masked): callers may replace it to hide slots (e.g. cut a context).
+
+    Layout: one [B, K, S, H] buffer per layer (not one stacked [L, ...] array, and heads before
+    slots). A decode step then updates each buffer in place and the attention matmuls read it
+    where it lies; slicing a layer out of a stacked array copied the whole cache every step.
     """
 
-    k: jax.Array  # [L, B, S, K, H]
-    v: jax.Array  # [L, B, S, K, H]
+    k: tuple[jax.Array, ...]  # L × [B, K, S, H]
+    v: tuple[jax.Array, ...]  # L × [B, K, S, H]
     segment_ids: jax.Array  # int32 [B, S]
     end: jax.Array  # int32 [] — slots written so far (shared by all rows)
 
+    LOGICAL_AXES = ("batch", "act_kv_heads", "cache_seq", "head_dim")  # of each k / v buffer
+    SLOT_AXIS = 2
+
     @classmethod
     def init(cls, config: Qwen3Config, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
-        shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads,
-                 config.head_dim)
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+        shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
+        layers = range(config.num_hidden_layers)
+        return cls(k=tuple(jnp.zeros(shape, dtype) for _ in layers),
+                   v=tuple(jnp.zeros(shape, dtype) for _ in layers),
                    segment_ids=jnp.zeros((batch, max_len), jnp.int32),
                    end=jnp.zeros((), jnp.int32))
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.segment_ids.shape[1]
 
-    LOGICAL_AXES = ("layers", "batch", "cache_seq", "act_kv_heads", "head_dim")
+    def map_kv(self, fn) -> "KVCache":
+        """The cache with `fn` applied to every layer's k and v buffer [B, K, S, H]."""
+        return self.replace(k=tuple(map(fn, self.k)), v=tuple(map(fn, self.v)))
 
 
 class Attention(nnx.Module):
@@ -105,9 +115,9 @@ class Attention(nnx.Module):
     def __call__(self, x, *, positions, segment_ids, mask, layer_cache, prefill_causal):
         """x: [B, T, D].
 
-        layer_cache: None, or (k_all [L,B,S,K,H], v_all, layer index, kv_segment_ids [B,S],
-        end). The new keys/values are written into the stacked buffers in place (one
-        dynamic-update-slice each) and the updated stacks are returned.
+        layer_cache: None, or (this layer's k [B,K,S,H], v, kv_segment_ids [B,S], end). The new
+        keys/values are written into the buffers in place (one dynamic-update-slice each) and
+        the updated buffers are returned.
         """
         dt = self.dtype
         q = jnp.einsum("BTD,DNH->BTNH", x, self.q_proj[...].astype(dt))
@@ -123,16 +133,18 @@ class Attention(nnx.Module):
             keys, values, kv_seg, kv_slots, q_slots = k, v, segment_ids, slots, slots
             new_kv = None
         else:
-            ck, cv, i, kv_seg, end = layer_cache
+            ck, cv, kv_seg, end = layer_cache
             zero = jnp.zeros((), jnp.int32)
-            start = (jnp.int32(i), zero, end, zero, zero)
-            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype)[None], start)
-            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype)[None], start)
+            start = (zero, zero, end, zero)
+            ck = jax.lax.dynamic_update_slice(ck, jnp.swapaxes(k, 1, 2).astype(ck.dtype), start)
+            cv = jax.lax.dynamic_update_slice(cv, jnp.swapaxes(v, 1, 2).astype(cv.dtype), start)
             s = ck.shape[2]
             kv_slots = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
             q_slots = end + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
             new_kv = (ck, cv)
-            keys, values = ck[i].astype(dt), cv[i].astype(dt)
+            # [B, S, K, H] for the backends; xla_attention's own transpose cancels this one.
+            keys = jnp.swapaxes(ck, 1, 2).astype(dt)
+            values = jnp.swapaxes(cv, 1, 2).astype(dt)
         out = attn_lib.attention(q, keys, values, q_segment_ids=segment_ids,
                                  kv_segment_ids=kv_seg, q_slots=q_slots, kv_slots=kv_slots,
                                  mask=mask, impl=self.attention_impl,
@@ -247,9 +259,9 @@ class Qwen3(nnx.Module):
         if cache is not None:
             kv_seg = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32),
                                                   (0, cache.end))
-            ck, cv = cache.k, cache.v
+            ck, cv = list(cache.k), list(cache.v)
         for i, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else (ck, cv, i, kv_seg, cache.end)
+            layer_cache = None if cache is None else (ck[i], cv[i], kv_seg, cache.end)
             kwargs = dict(positions=positions, segment_ids=segment_ids, mask=mask,
                           layer_cache=layer_cache, prefill_causal=prefill_causal)
             if self.remat and cache is None:
@@ -257,13 +269,13 @@ class Qwen3(nnx.Module):
             else:
                 x, kv = layer(x, **kwargs)
             if kv is not None:
-                ck, cv = kv
+                ck[i], cv[i] = kv
         x = self.norm(x)
         out = x if return_hidden else jnp.einsum(
             "BTD,DV->BTV", x, self.head_weight(), preferred_element_type=jnp.float32)
         if cache is None:
             return out
-        new_cache = KVCache(k=ck, v=cv, segment_ids=kv_seg, end=cache.end + t)
+        new_cache = KVCache(k=tuple(ck), v=tuple(cv), segment_ids=kv_seg, end=cache.end + t)
         return out, new_cache
 
     def logprobs(self, hidden: jax.Array, targets: jax.Array, *, chunk_size: int = 512,

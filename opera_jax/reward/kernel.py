@@ -175,9 +175,7 @@ def _kernel(graphdef, state, tokens, lengths, reference, ref_lengths, ctx_row, c
     def reference_pass(w, rows, visible, first):
         # Slots [0, w + r) of each context's row; slots >= visible are hidden, and the pass
         # writes its own keys over [w, w + r).
-        ctx_cache = KVCache(
-            k=jnp.take(cache.k[:, :, :w + r], rows, axis=1),
-            v=jnp.take(cache.v[:, :, :w + r], rows, axis=1),
+        ctx_cache = cache.map_kv(lambda x: jnp.take(x[:, :, :w + r], rows, axis=0)).replace(
             segment_ids=(jnp.arange(w + r)[None, :] < visible[:, None]).astype(jnp.int32),
             end=jnp.asarray(w, jnp.int32))
         ref, n = reference[rows], ref_lengths[rows]  # [per_step, R], [per_step]

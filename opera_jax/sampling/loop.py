@@ -115,9 +115,8 @@ class _State:
 
 
 def _cache_constrain(cache: KVCache) -> KVCache:
-    names = KVCache.LOGICAL_AXES
-    return cache.replace(k=constrain(cache.k, names), v=constrain(cache.v, names),
-                         segment_ids=constrain(cache.segment_ids, ("batch", "cache_seq")))
+    cache = cache.map_kv(lambda x: constrain(x, KVCache.LOGICAL_AXES))
+    return cache.replace(segment_ids=constrain(cache.segment_ids, ("batch", "cache_seq")))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "config"))
@@ -152,14 +151,14 @@ def prefill(graphdef, params, tokens, lengths, *, config: CacheConfig):
         logits = jnp.einsum("BD,DV->BV", hidden[:, -1], model.head_weight(),
                             preferred_element_type=jnp.float32)
 
-        def expand(x, axis_seq):  # repeat rows n times, pad the slot axis to P + C
-            x = jnp.repeat(x, n, axis=axis_seq - 1)
+        def expand(x, axis_seq):  # repeat rows (axis 0) n times, pad the slot axis to P + C
+            x = jnp.repeat(x, n, axis=0)
             pad = [(0, 0)] * x.ndim
             pad[axis_seq] = (0, c)
             return jnp.pad(x, pad)
 
-        cache = KVCache(k=expand(cache.k, 2), v=expand(cache.v, 2),
-                        segment_ids=expand(cache.segment_ids, 1), end=cache.end)
+        cache = cache.map_kv(lambda x: expand(x, KVCache.SLOT_AXIS))
+        cache = cache.replace(segment_ids=expand(cache.segment_ids, 1))
         prompt_lp = None
         if config.prompt_logprobs:  # chunked float32 log-softmax, no [B, P, V] buffer
             lp = model.logprobs(hidden, jnp.roll(tokens, -1, axis=1))
