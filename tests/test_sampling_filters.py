@@ -87,6 +87,30 @@ def test_matches_hf_warpers_per_row():
     np.testing.assert_array_equal(np.asarray(topk), ours[rows])
 
 
+def test_topk_width_choice():
+    assert filters.topk_width([20, 1]) == 32
+    assert filters.topk_width([8]) == 8
+    assert filters.topk_width([9, 3]) == 16
+    assert filters.topk_width([filters.TOPK_CAP]) == filters.TOPK_CAP
+
+
+def test_sampled_tokens_do_not_depend_on_the_topk_width():
+    # 256 rows with top-k in 1..8: widths 8, 16, 32 and 64 draw the same tokens (the first w
+    # random numbers of a key are the same whatever the count asked for).
+    rng = np.random.default_rng(3)
+    n = 256
+    logits = jnp.asarray(rng.normal(size=(n, 1024)) * 2, jnp.float32)
+    keys = jax.random.split(jax.random.key(7), n)
+    args = (keys, logits, jnp.full((n,), 0.8, jnp.float32),
+            jnp.asarray(rng.integers(1, 9, size=n), jnp.int32),
+            jnp.asarray(rng.uniform(0.5, 1.0, size=n), jnp.float32))
+    drawn = [np.asarray(filters.sample_tokens(*args, mode=FilterMode.TOPK, width=w))
+             for w in filters.TOPK_WIDTHS]
+    for d in drawn[1:]:
+        np.testing.assert_array_equal(d, drawn[0])
+    assert len(np.unique(drawn[0])) > 50  # really sampled, not a constant
+
+
 def _draw(temperature, top_k, top_p, mode, n=20_000, seed=0):
     keys = jax.random.split(jax.random.key(seed), n)
     full = lambda x, dt: jnp.full((n,), x, dt)  # noqa: E731

@@ -20,6 +20,11 @@ import jax.numpy as jnp
 
 # Largest top-k served by `lax.top_k` instead of a full sort over the vocabulary.
 TOPK_CAP = 64
+# Static `lax.top_k` widths: the smallest one >= every row's top-k is compiled (on the CPU,
+# top 32 of 1,024 logits costs a quarter of top 64). With JAX's partitionable threefry, a
+# key's first w random numbers are the same for any requested count >= w, so the sampled
+# token does not depend on the width.
+TOPK_WIDTHS = (8, 16, 32, TOPK_CAP)
 
 _MASKED = -jnp.inf
 
@@ -41,6 +46,12 @@ def filter_mode(top_k, top_p) -> FilterMode:
     if all(1 <= k <= TOPK_CAP for k in top_k):
         return FilterMode.TOPK
     return FilterMode.SORT
+
+
+def topk_width(top_k) -> int:
+    """The `lax.top_k` width for TOPK mode: the smallest of TOPK_WIDTHS >= every top-k."""
+    need = max(int(k) for k in top_k)
+    return next(w for w in TOPK_WIDTHS if w >= need) if need <= TOPK_CAP else TOPK_CAP
 
 
 def _threshold_from_sorted(sorted_logits, top_k, top_p):
@@ -66,7 +77,8 @@ def _threshold_from_sorted(sorted_logits, top_k, top_p):
     return jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1)
 
 
-def filter_logits(logits, temperature, top_k, top_p, *, mode: FilterMode):
+def filter_logits(logits, temperature, top_k, top_p, *, mode: FilterMode,
+                  width: int = TOPK_CAP):
     """Temperature-scaled logits with tokens outside top-k / top-p set to -inf.
 
     Args:
@@ -74,6 +86,7 @@ def filter_logits(logits, temperature, top_k, top_p, *, mode: FilterMode):
       temperature: float32 [B]; rows with 0 are scaled by 1 (they decode greedily anyway).
       top_k: int32 [B]; top_p: float32 [B].
       mode: static; must be exact for the values (see `filter_mode`).
+      width: static; TOPK mode looks at this many best logits (>= every top-k).
     Returns:
       float32 [B, V].
     """
@@ -83,7 +96,7 @@ def filter_logits(logits, temperature, top_k, top_p, *, mode: FilterMode):
     if mode is FilterMode.NONE:
         return scaled
     if mode is FilterMode.TOPK:
-        best = jax.lax.top_k(scaled, min(TOPK_CAP, scaled.shape[-1]))[0]  # [B, TOPK_CAP]
+        best = jax.lax.top_k(scaled, min(width, scaled.shape[-1]))[0]  # [B, width]
     else:
         best = -jnp.sort(-scaled, axis=-1)  # [B, V] descending
     threshold = _threshold_from_sorted(best, top_k.astype(jnp.int32),
@@ -91,7 +104,8 @@ def filter_logits(logits, temperature, top_k, top_p, *, mode: FilterMode):
     return jnp.where(scaled >= threshold[:, None], scaled, _MASKED)
 
 
-def sample_tokens(keys, logits, temperature, top_k, top_p, *, mode: FilterMode):
+def sample_tokens(keys, logits, temperature, top_k, top_p, *, mode: FilterMode,
+                  width: int = TOPK_CAP):
     """One token per row.
 
     Args:
@@ -99,6 +113,7 @@ def sample_tokens(keys, logits, temperature, top_k, top_p, *, mode: FilterMode):
       logits: float32 [B, V] raw logits.
       temperature, top_k, top_p: [B] per-row knobs (temperature 0 = greedy).
       mode: static filter mode.
+      width: static; TOPK mode draws among this many best logits (>= every top-k).
     Returns:
       int32 [B] token ids.
     """
@@ -106,11 +121,11 @@ def sample_tokens(keys, logits, temperature, top_k, top_p, *, mode: FilterMode):
 
     def draw():
         if mode is FilterMode.TOPK:
-            # Every kept token is among the TOPK_CAP best: draw among those candidates only
-            # (the same distribution, with TOPK_CAP random numbers per row instead of V).
+            # Every kept token is among the `width` best: draw among those candidates only
+            # (the same distribution, with `width` random numbers per row instead of V).
             t = jnp.where(temperature > 0, temperature, 1.0).astype(jnp.float32)
             best, idx = jax.lax.top_k(logits.astype(jnp.float32) / t[:, None],
-                                      min(TOPK_CAP, logits.shape[-1]))  # [B, TOPK_CAP]
+                                      min(width, logits.shape[-1]))  # [B, width]
             threshold = _threshold_from_sorted(best, top_k.astype(jnp.int32),
                                                top_p.astype(jnp.float32))
             candidates = jnp.where(best >= threshold[:, None], best, _MASKED)

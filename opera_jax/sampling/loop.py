@@ -64,6 +64,7 @@ class LoopConfig:
 
     cache: CacheConfig
     mode: filters.FilterMode = filters.FilterMode.NONE
+    topk_width: int = filters.TOPK_CAP  # TOPK mode: `lax.top_k` width (>= every row's top-k)
     use_stops: bool = False
     pad_id: int = 0
 
@@ -213,7 +214,8 @@ def decode(graphdef, params, cache, logits, prompt_lengths, rows: RowParams, sto
             active = running(s)
             keys = jax.vmap(lambda k: jax.random.fold_in(k, s.step))(row_keys)
             tok = filters.sample_tokens(keys, s.logits, rows.temperature, rows.top_k,
-                                        rows.top_p, mode=config.mode)
+                                        rows.top_p, mode=config.mode,
+                                        width=config.topk_width)
             tok = jnp.where(active, tok, config.pad_id)
             lp = jnp.where(active, filters.raw_logprob(s.logits, tok), 0.0)
             o = s.out

@@ -161,11 +161,14 @@ class Sampler:
             return np.repeat(np.concatenate([x, np.full((b - count,), fill, x.dtype)]), n)
 
         # The mode depends on top-k / top-p only, so temperature (greedy or not) never
-        # recompiles; at most three modes × stops on/off get compiled per shape bucket.
+        # recompiles; per shape bucket at most six filter variants (none, sort, top-k in four
+        # widths) × stops on/off get compiled. Top-k values sharing a width never recompile.
         cache_config = loop.CacheConfig(num_samples=n, capacity=_pow2(int(max_new.max()), 16),
                                         cache_dtype=self.cache_dtype, mesh=self.mesh,
                                         prompt_logprobs=prompt_logprobs)
-        config = loop.LoopConfig(cache=cache_config, mode=filters.filter_mode(k, p),
+        mode = filters.filter_mode(k, p)
+        width = filters.topk_width(k) if mode is filters.FilterMode.TOPK else filters.TOPK_CAP
+        config = loop.LoopConfig(cache=cache_config, mode=mode, topk_width=width,
                                  use_stops=bool(stop), pad_id=self.pad_id)
         row_params = loop.RowParams(
             temperature=self._put(rows(temp, 0.0), ("batch",)),
