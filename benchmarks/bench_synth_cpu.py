@@ -1,6 +1,7 @@
 """Cold-start synthesis on the CPU: batched vs the published one-prompt-one-candidate procedure.
 
     python benchmarks/bench_synth_cpu.py [--prompts 32] [--batch-prompts 32] [--teacher-dir DIR]
+                                         [--no-transformers]
 
 The comparison only means something if the teacher really writes guiding words, so the teacher
 is a tiny Qwen3 trained from scratch on the embedded toy domain (opera_jax/train/sft.py with
@@ -10,21 +11,27 @@ Any other HF Qwen3 directory works as it is.
 
 All modes synthesise the same toy prompts with the same seed and settings (configs/
 synth_tiny.py: B = 4 candidates, ≤ 20 reflective states, T 0.6, top-p 0.95, top-k 20):
+  transformers  the published stack: the same procedure, one prompt and one candidate per
+              call, sampled by PyTorch `transformers.generate` and each candidate scored by
+              one more teacher forward pass (benchmarks/hf_synth_baseline.py; torch's random
+              numbers, so its records are its own);
   sequential  batch_prompts=1, batch_candidates=False: one prompt at a time, every candidate
-              its own sampler call (the published procedure);
+              its own call of our sampler (the published procedure on our sampler);
   candidates  batch_prompts=1, batch_candidates=True: one prompt at a time, its B candidates
               in one call (one prefill of the context);
   batched     batch_prompts=P: every in-flight prompt advances one phase per round, all
               candidates of all prompts in shared sampler calls (at most four per round);
   chunked     the same, calls cut to --rows-per-call rows of similar context length (on a CPU
-              a row costs the same in any batch, so smaller calls waste less on padding and on
-              rows that finished early).
+              a row costs nearly the same in any batch, so smaller calls waste less on prompt
+              padding and a shorter cache).
+Batched modes narrow each call's batch as its rows finish (`synth.compact`).
 Each mode runs once cold (compiling), then --reps times timed, every shape compiled
 (prompts/s = prompts / wall seconds, writing records included; the median is reported). The
 modes' records are compared with the sequential ones: per-row seeds make them equal.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -37,8 +44,9 @@ from flax import nnx
 
 from opera_jax import export_hf, load_pretrained, make_mesh
 from opera_jax.data import toy_domain
-from opera_jax.data.jsonl import write_jsonl
+from opera_jax.data.jsonl import read_jsonl, write_jsonl
 from opera_jax.synth import read_records, synthesize, wrap_prompt
+from opera_jax.synth.scheduler import Batching
 from opera_jax.synth.wrapper import WRAPPER
 from opera_jax.train import state as state_lib
 from opera_jax.train.cli import load_config_file
@@ -111,17 +119,61 @@ def run_mode(teacher, prompts_path: str, out_dir: str, name: str, *, teacher_dir
             "records": read_records(c.output)}
 
 
+def run_transformers(prompts_path: str, *, teacher_dir: str, reps: int) -> dict:
+    """The published stack (hf_synth_baseline.py) over the same prompts: `run_mode`'s result."""
+    import torch
+
+    from hf_synth_baseline import TransformersSampler
+    from opera_jax.sampling import default_eos_ids
+    from opera_jax.synth.scheduler import Scheduler
+    from opera_jax.synth.stage import settings_from
+    from opera_jax.tokenizer import load_tokenizer, special_token_ids
+
+    c = load_config_file(SYNTH_CONFIG)
+    settings, _ = settings_from(c)
+    tok = load_tokenizer(teacher_dir)
+    sampler = TransformersSampler(teacher_dir, tok, eos_ids=default_eos_ids(tok),
+                                  pad_id=special_token_ids(tok)["pad"] or 0)
+    rows = read_jsonl(prompts_path, required=("id", "prompt", "reference"))
+    rows = [{k: v for k, v in r.items() if k != "_source"} for r in rows]
+    print(f"transformers {transformers_version()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads", flush=True)
+    summaries, records = [], []
+    for _ in range(reps + 1):
+        scheduler = Scheduler(sampler, tok, settings,
+                              Batching(batch_prompts=1, batch_candidates=False, compact=False))
+        records = []
+        start = time.perf_counter()
+        scheduler.run(rows, on_done=lambda job: records.append(job.record()))
+        seconds = time.perf_counter() - start
+        summaries.append({"seconds": seconds, "prompts_per_s": len(records) / seconds,
+                          "written": len(records),
+                          "mean_reflections": float(np.mean([r["reflection_count"]
+                                                             for r in records])),
+                          **dataclasses.asdict(scheduler.counters)})
+    timed = sorted(summaries[1:], key=lambda x: x["seconds"])
+    return {"cold": summaries[0], "median": timed[len(timed) // 2], "best": timed[0],
+            "records": records}
+
+
+def transformers_version() -> str:
+    import transformers
+    return transformers.__version__
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--batch-prompts", type=int, default=32)
-    p.add_argument("--rows-per-call", type=int, default=8,
+    p.add_argument("--rows-per-call", type=int, default=32,
                    help="the chunked batched variant's cap on rows per sampler call")
     p.add_argument("--reps", type=int, default=3, help="timed runs per mode (after a cold one)")
     p.add_argument("--teacher-dir", default=os.path.join(tempfile.gettempdir(),
                                                          "opera_toy_teacher"))
     p.add_argument("--sft-steps", type=int, default=400)
     p.add_argument("--sft-examples", type=int, default=2048)
+    p.add_argument("--no-transformers", action="store_true",
+                   help="skip the published stack (PyTorch transformers, ~0.1 s per prompt)")
     args = p.parse_args()
     print(f"{jax.devices()[0].platform} x{jax.device_count()}, jax {jax.__version__}, "
           f"{args.prompts} prompts", flush=True)
@@ -135,10 +187,10 @@ def main():
 
     bp, rpc = args.batch_prompts, args.rows_per_call
     modes = {
-        "sequential (published)": dict(batch_prompts=1, batch_candidates=False,
-                                       rows_per_call=0),
+        "sequential, published procedure on our sampler": dict(batch_prompts=1, batch_candidates=False,
+                                       rows_per_call=0, compact=False),
         "1 prompt, B candidates per call": dict(batch_prompts=1, batch_candidates=True,
-                                                rows_per_call=0),
+                                                rows_per_call=0, compact=False),
         f"batched, {bp} prompts in flight": dict(batch_prompts=bp, batch_candidates=True,
                                                  rows_per_call=0),
         f"batched, {bp} in flight, <= {rpc} rows per call": dict(
@@ -147,20 +199,28 @@ def main():
     results = {name: run_mode(teacher, prompts, out_dir, f"mode{i}", reps=args.reps,
                               teacher_dir=args.teacher_dir, **synth)
                for i, (name, synth) in enumerate(modes.items())}
+    hf = None
+    if not args.no_transformers:
+        hf = run_transformers(prompts, teacher_dir=args.teacher_dir, reps=args.reps)
 
-    base = results["sequential (published)"]
+    base = results["sequential, published procedure on our sampler"]
     key = lambda r: (r["id"], r["thinking"], r["output"])  # noqa: E731
-    print("| mode | prompts/s (median) | best | vs sequential | cold s | sampler calls | "
-          "rounds | decode steps | prefill tokens | identical records |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for name, r in results.items():
+    print("| mode | prompts/s (median) | best | vs sequential | vs transformers | cold s | "
+          "sampler calls | rounds | tokens generated | decode steps | prefill tokens | "
+          "identical records |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    rows = ([("sequential, published stack (transformers)", hf)] if hf else []) + list(
+        results.items())
+    for name, r in rows:
         same = len({key(x) for x in base["records"]} & {key(x) for x in r["records"]})
+        same = "own RNG" if r is hf else f"{same}/{len(base['records'])}"
         m = r["median"]
+        vs_hf = f"{m['prompts_per_s'] / hf['median']['prompts_per_s']:.1f}x" if hf else "-"
         print(f"| {name} | {m['prompts_per_s']:.1f} | {r['best']['prompts_per_s']:.1f} | "
-              f"{m['prompts_per_s'] / base['median']['prompts_per_s']:.2f}x | "
+              f"{m['prompts_per_s'] / base['median']['prompts_per_s']:.2f}x | {vs_hf} | "
               f"{r['cold']['seconds']:.1f} | {m['sampler_calls']} | {m['rounds']} | "
-              f"{m['decode_steps']:,} | {m['prefill_tokens']:,} | "
-              f"{same}/{len(base['records'])} |")
+              f"{m['generated_tokens']:,} | {m['decode_steps']:,} | {m['prefill_tokens']:,} | "
+              f"{same} |")
     m = base["median"]
     print(f"per prompt: {m['mean_reflections']:.2f} reflective states, "
           f"{m['thinking_tokens']['mean']:.0f} thinking tokens, "

@@ -165,7 +165,8 @@ def test_record_file_resumes_after_a_partial_line(tmp_path):
 def test_config_hash_ignores_batching_only():
     base = load_config_file(CONFIG)
     h = config_hash(base)
-    for key, value in [("batch_prompts", 1), ("batch_candidates", False), ("rows_per_call", 7)]:
+    for key, value in [("batch_prompts", 1), ("batch_candidates", False), ("rows_per_call", 7),
+                       ("compact", False)]:
         c = load_config_file(CONFIG)
         c.synth[key] = value
         assert config_hash(c) == h, key

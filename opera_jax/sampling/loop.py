@@ -168,6 +168,92 @@ def prefill(graphdef, params, tokens, lengths, *, config: CacheConfig):
                 constrain(jnp.repeat(logits, n, axis=0), ("batch", "act_vocab")), prompt_lp)
 
 
+def _start(cache, logits, prompt_lengths, rows: RowParams, stop: StopArrays,
+           config: LoopConfig) -> _State:
+    """The loop state before the first decode step."""
+    r, c = logits.shape[0], config.cache.capacity
+    w = stop.stop_rev.shape[1]
+    empty = rows.max_new_tokens <= 0
+    minus = jnp.full((r,), -1, jnp.int32)
+    out = SampleOutput(
+        tokens=jnp.full((r, c), config.pad_id, jnp.int32),
+        logprobs=jnp.zeros((r, c), jnp.float32),
+        lengths=jnp.zeros((r,), jnp.int32),
+        finish_reason=jnp.where(empty, FinishReason.LENGTH, FinishReason.RUNNING).astype(
+            jnp.int32),
+        stop_index=minus, stop_start=minus, stop_end=minus)
+    return _State(cache=cache, logits=logits, positions=prompt_lengths.astype(jnp.int32),
+                  step=jnp.zeros((), jnp.int32), tail=jnp.full((r, w - 1), -1, jnp.int32),
+                  nbytes=jnp.zeros((r,), jnp.int32), out=out)
+
+
+def _running(s: _State):
+    return s.out.finish_reason == FinishReason.RUNNING
+
+
+def _steps(model, state: _State, rows: RowParams, stop: StopArrays, seed, pause_at,
+           config: LoopConfig) -> _State:
+    """Decode steps until every row has finished, C steps have run, or at most `pause_at`
+    rows are still running (0: never pause)."""
+    r, c = state.logits.shape[0], config.cache.capacity
+    base = jax.random.key(seed)
+    row_keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(rows.row_id)
+
+    def cond(s: _State):
+        running = jnp.sum(_running(s).astype(jnp.int32))
+        return (s.step < c) & (running > 0) & (running > pause_at)
+
+    def body(s: _State) -> _State:
+        active = _running(s)
+        keys = jax.vmap(lambda k: jax.random.fold_in(k, s.step))(row_keys)
+        tok = filters.sample_tokens(keys, s.logits, rows.temperature, rows.top_k,
+                                    rows.top_p, mode=config.mode, width=config.topk_width)
+        tok = jnp.where(active, tok, config.pad_id)
+        lp = jnp.where(active, filters.raw_logprob(s.logits, tok), 0.0)
+        o = s.out
+        col = (jnp.zeros((), jnp.int32), s.step)
+        tokens = jax.lax.dynamic_update_slice(o.tokens, tok[:, None], col)
+        logprobs = jax.lax.dynamic_update_slice(o.logprobs, lp[:, None], col)
+        lengths = o.lengths + active.astype(jnp.int32)
+        is_eos = active & jnp.any(tok[:, None] == stop.eos_ids[None, :], axis=1)
+
+        if config.use_stops:
+            # EOS bytes are not text: they never complete a stop string.
+            nlen = jnp.where(is_eos | ~active, 0, stop.token_len[tok])
+            hit, which, end, tail = stops.match_stops(
+                s.tail, stop.token_bytes[tok], nlen, stop.stop_rev, stop.stop_len)
+            hit = hit & active
+            stop_end = s.nbytes + end + 1
+            stop_index = jnp.where(hit, which, o.stop_index)
+            stop_start = jnp.where(hit, stop_end - stop.stop_len[which], o.stop_start)
+            stop_end = jnp.where(hit, stop_end, o.stop_end)
+            nbytes = s.nbytes + nlen
+        else:
+            hit = jnp.zeros_like(active)
+            stop_index, stop_start, stop_end = o.stop_index, o.stop_start, o.stop_end
+            tail, nbytes = s.tail, s.nbytes
+
+        at_len = active & (lengths >= rows.max_new_tokens)
+        reason = jnp.select([is_eos, hit, at_len],
+                            [FinishReason.EOS, FinishReason.STOP, FinishReason.LENGTH],
+                            o.finish_reason).astype(jnp.int32)
+
+        # The next token's logits (wasted for finished rows: batch shapes are fixed).
+        segment = jnp.ones((r, 1), jnp.int32)
+        step_logits, cache = model(tok[:, None], positions=s.positions[:, None],
+                                   segment_ids=segment, cache=s.cache)
+        out = SampleOutput(tokens=constrain(tokens, ("batch", None)),
+                           logprobs=constrain(logprobs, ("batch", None)), lengths=lengths,
+                           finish_reason=reason, stop_index=stop_index,
+                           stop_start=stop_start, stop_end=stop_end)
+        return _State(cache=_cache_constrain(cache),
+                      logits=constrain(step_logits[:, 0], ("batch", "act_vocab")),
+                      positions=s.positions + 1, step=s.step + 1, tail=tail,
+                      nbytes=nbytes, out=out)
+
+    return jax.lax.while_loop(cond, body, state)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "config"))
 def decode(graphdef, params, cache, logits, prompt_lengths, rows: RowParams, stop: StopArrays,
            seed, *, config: LoopConfig) -> SampleOutput:
@@ -184,79 +270,49 @@ def decode(graphdef, params, cache, logits, prompt_lengths, rows: RowParams, sto
       SampleOutput.
     """
     TRACE_COUNT["decode"] += 1
-    r, c = logits.shape[0], config.cache.capacity
-    w = stop.stop_rev.shape[1]
     with activation_mesh(config.cache.mesh):
         model = nnx.merge(graphdef, params)
-        base = jax.random.key(seed)
-        row_keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(rows.row_id)
-        empty = rows.max_new_tokens <= 0
-        minus = jnp.full((r,), -1, jnp.int32)
-        out = SampleOutput(
-            tokens=jnp.full((r, c), config.pad_id, jnp.int32),
-            logprobs=jnp.zeros((r, c), jnp.float32),
-            lengths=jnp.zeros((r,), jnp.int32),
-            finish_reason=jnp.where(empty, FinishReason.LENGTH, FinishReason.RUNNING).astype(
-                jnp.int32),
-            stop_index=minus, stop_start=minus, stop_end=minus)
-        state = _State(cache=cache, logits=logits, positions=prompt_lengths.astype(jnp.int32),
-                       step=jnp.zeros((), jnp.int32),
-                       tail=jnp.full((r, w - 1), -1, jnp.int32),
-                       nbytes=jnp.zeros((r,), jnp.int32), out=out)
+        state = _start(cache, logits, prompt_lengths, rows, stop, config)
+        return _steps(model, state, rows, stop, seed, 0, config).out
 
-        def running(s: _State):
-            return s.out.finish_reason == FinishReason.RUNNING
 
-        def cond(s: _State):
-            return (s.step < c) & jnp.any(running(s))
+# Compaction: the same samples with less work when rows finish at very different steps.
+# `start` and `resume` run the loop in segments that pause once at most `pause_at` rows are
+# still running; `take_rows` then keeps the running rows (a smaller batch bucket) and the
+# caller goes on. A row's draws depend on its row id and the step only, so the samples are
+# those of one uninterrupted `decode`.
 
-        def body(s: _State) -> _State:
-            active = running(s)
-            keys = jax.vmap(lambda k: jax.random.fold_in(k, s.step))(row_keys)
-            tok = filters.sample_tokens(keys, s.logits, rows.temperature, rows.top_k,
-                                        rows.top_p, mode=config.mode,
-                                        width=config.topk_width)
-            tok = jnp.where(active, tok, config.pad_id)
-            lp = jnp.where(active, filters.raw_logprob(s.logits, tok), 0.0)
-            o = s.out
-            col = (jnp.zeros((), jnp.int32), s.step)
-            tokens = jax.lax.dynamic_update_slice(o.tokens, tok[:, None], col)
-            logprobs = jax.lax.dynamic_update_slice(o.logprobs, lp[:, None], col)
-            lengths = o.lengths + active.astype(jnp.int32)
-            is_eos = active & jnp.any(tok[:, None] == stop.eos_ids[None, :], axis=1)
 
-            if config.use_stops:
-                # EOS bytes are not text: they never complete a stop string.
-                nlen = jnp.where(is_eos | ~active, 0, stop.token_len[tok])
-                hit, which, end, tail = stops.match_stops(
-                    s.tail, stop.token_bytes[tok], nlen, stop.stop_rev, stop.stop_len)
-                hit = hit & active
-                stop_end = s.nbytes + end + 1
-                stop_index = jnp.where(hit, which, o.stop_index)
-                stop_start = jnp.where(hit, stop_end - stop.stop_len[which], o.stop_start)
-                stop_end = jnp.where(hit, stop_end, o.stop_end)
-                nbytes = s.nbytes + nlen
-            else:
-                hit = jnp.zeros_like(active)
-                stop_index, stop_start, stop_end = o.stop_index, o.stop_start, o.stop_end
-                tail, nbytes = s.tail, s.nbytes
+@functools.partial(jax.jit, static_argnames=("graphdef", "config"))
+def start(graphdef, params, cache, logits, prompt_lengths, rows: RowParams, stop: StopArrays,
+          seed, pause_at, *, config: LoopConfig) -> _State:
+    """`decode`'s first segment: returns the loop state (pause_at: int32 [])."""
+    TRACE_COUNT["decode"] += 1
+    with activation_mesh(config.cache.mesh):
+        model = nnx.merge(graphdef, params)
+        state = _start(cache, logits, prompt_lengths, rows, stop, config)
+        return _steps(model, state, rows, stop, seed, pause_at, config)
 
-            at_len = active & (lengths >= rows.max_new_tokens)
-            reason = jnp.select([is_eos, hit, at_len],
-                                [FinishReason.EOS, FinishReason.STOP, FinishReason.LENGTH],
-                                o.finish_reason).astype(jnp.int32)
 
-            # The next token's logits (wasted for finished rows: batch shapes are fixed).
-            segment = jnp.ones((r, 1), jnp.int32)
-            step_logits, cache = model(tok[:, None], positions=s.positions[:, None],
-                                       segment_ids=segment, cache=s.cache)
-            out = SampleOutput(tokens=constrain(tokens, ("batch", None)),
-                               logprobs=constrain(logprobs, ("batch", None)), lengths=lengths,
-                               finish_reason=reason, stop_index=stop_index,
-                               stop_start=stop_start, stop_end=stop_end)
-            return _State(cache=_cache_constrain(cache),
-                          logits=constrain(step_logits[:, 0], ("batch", "act_vocab")),
-                          positions=s.positions + 1, step=s.step + 1, tail=tail,
-                          nbytes=nbytes, out=out)
+@functools.partial(jax.jit, static_argnames=("graphdef", "config"))
+def resume(graphdef, params, state: _State, rows: RowParams, stop: StopArrays, seed, pause_at,
+           *, config: LoopConfig) -> _State:
+    """The next segment from a (compacted) state."""
+    TRACE_COUNT["decode"] += 1
+    with activation_mesh(config.cache.mesh):
+        model = nnx.merge(graphdef, params)
+        return _steps(model, state, rows, stop, seed, pause_at, config)
 
-        return jax.lax.while_loop(cond, body, state).out
+
+@functools.partial(jax.jit, static_argnames=("mesh",))
+def take_rows(state: _State, rows: RowParams, index, *, mesh=None):
+    """Rows `index` (int32 [R']) of the loop state and the row knobs."""
+    with activation_mesh(mesh):
+        take = lambda x: jnp.take(x, index, axis=0)  # noqa: E731
+        cache = state.cache.map_kv(take).replace(segment_ids=take(state.cache.segment_ids))
+        state = state.replace(
+            cache=_cache_constrain(cache),
+            logits=constrain(take(state.logits), ("batch", "act_vocab")),
+            positions=take(state.positions), tail=take(state.tail),
+            nbytes=take(state.nbytes), out=jax.tree.map(take, state.out))
+        return state, jax.tree.map(take, rows)

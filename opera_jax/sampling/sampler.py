@@ -1,7 +1,8 @@
 """`Sampler`: the host side of the jitted loop, on token ids.
 
 It pads what would otherwise recompile into a few buckets — prompt length and prompt count to
-powers of two (at least 16 and 1), decode capacity to a power of two (at least 16), stop lists
+two steps per octave (2^k or 3·2^(k-1): 16, 24, 32, 48, ...; at least 16 and 1; padding the
+prefill costs as much as real tokens), decode capacity to a power of two (at least 16), stop lists
 to multiples of 4 strings × 8 bytes — places the inputs on the mesh, runs `loop.prefill` and
 `loop.decode`, and brings the result back as numpy (one explicit `sharding.to_host`: a
 `device_get`, gathered to every process when the mesh spans several).
@@ -28,6 +29,13 @@ from opera_jax.sharding import named_sharding, state_shardings, to_host
 
 def _pow2(x: int, minimum: int) -> int:
     return max(minimum, 1 << max(0, int(x) - 1).bit_length())
+
+
+def _bucket(x: int, minimum: int) -> int:
+    """The smallest 2^k or 3·2^(k-1) that is >= max(x, minimum)."""
+    x = max(int(x), minimum)
+    p = _pow2(x, 1)
+    return 3 * p // 4 if p >= 4 and 3 * p // 4 >= x else p
 
 
 def _per_prompt(value, count: int, dtype) -> np.ndarray:
@@ -95,6 +103,8 @@ class Sampler:
             self._token_bytes = self._put(np.zeros((vocab, 8), np.uint8))
             self._token_len = self._put(np.zeros((vocab,), np.int32))
 
+    COMPACT_MIN_ROWS = 8  # `compact` never narrows the batch below this
+
     def set_params(self, params) -> None:
         """Samples from new weights (an `nnx.state` of the same model), e.g. after an RL step."""
         if self.mesh is not None:
@@ -111,7 +121,7 @@ class Sampler:
     def sample(self, prompts: Sequence[Sequence[int]], *, max_new_tokens, temperature=1.0,
                top_p=1.0, top_k=0, n: int = 1, stop: Sequence[str] = (), seed: int = 0,
                prompt_logprobs: bool = False,
-               row_seeds: Sequence[int] | None = None) -> Samples:
+               row_seeds: Sequence[int] | None = None, compact: bool = False) -> Samples:
         """Samples n continuations of each prompt.
 
         Args:
@@ -126,6 +136,11 @@ class Sampler:
           row_seeds: optional, one int in [0, 2**31) per row (len(prompts) · n, row order):
             row r draws from fold_in(fold_in(key(seed), row_seeds[r]), step) instead of
             row_id r, so a row's samples do not depend on which other prompts share the call.
+          compact: when rows finish at very different steps (stop strings), pause the loop
+            whenever at most half of the rows still run and go on with those only (a batch
+            bucket half as wide; down to `COMPACT_MIN_ROWS`). Same samples, less work where
+            a step's cost grows with its rows (CPUs; large batches anywhere); a few more
+            compilations (one per batch bucket).
         Returns:
           Samples with len(prompts) · n rows.
         """
@@ -141,8 +156,8 @@ class Sampler:
         if (max_new < 0).any() or (temp < 0).any():
             raise ValueError("max_new_tokens and temperature must be >= 0")
 
-        b = _pow2(count, 1)  # padding prompts: length 0, max_new_tokens 0 (finished at once)
-        plen = _pow2(max(len(x) for x in prompts), 16)
+        b = _bucket(count, 1)  # padding prompts: length 0, max_new_tokens 0 (finished at once)
+        plen = _bucket(max(len(x) for x in prompts), 16)
         tokens = np.full((b, plen), self.pad_id, np.int32)
         lengths = np.zeros((b,), np.int32)
         for i, x in enumerate(prompts):
@@ -186,10 +201,13 @@ class Sampler:
         cache, logits, prompt_lp = loop.prefill(
             self.graphdef, self.params, self._put(tokens, ("batch", None)),
             self._put(lengths, ("batch",)), config=cache_config)
-        out = loop.decode(self.graphdef, self.params, cache, logits,
-                          self._put(np.repeat(lengths, n), ("batch",)), row_params, stop_arrays,
-                          self._put(np.int32(seed)), config=config)
-        out, prompt_lp = to_host((out, prompt_lp))  # gathered across processes if needed
+        decode_args = (cache, logits, self._put(np.repeat(lengths, n), ("batch",)), row_params,
+                       stop_arrays, self._put(np.int32(seed)))
+        if compact:
+            out = self._decode_compacting(*decode_args, config=config)
+        else:
+            out = to_host(loop.decode(self.graphdef, self.params, *decode_args, config=config))
+        prompt_lp = to_host(prompt_lp)  # gathered across processes if needed
         if prompt_lp is not None:
             prompt_lp = [prompt_lp[i, plen - len(x):plen - 1] for i, x in enumerate(prompts)]
         keep = count * n
@@ -198,3 +216,40 @@ class Sampler:
                        stop_index=out.stop_index[:keep], stop_start=out.stop_start[:keep],
                        stop_end=out.stop_end[:keep], num_samples=n,
                        prompt_logprobs=prompt_lp)
+
+    def _decode_compacting(self, cache, logits, prompt_lengths, rows, stop_arrays, seed, *,
+                           config: loop.LoopConfig) -> loop.SampleOutput:
+        """`loop.decode` in segments, keeping only the running rows between them (numpy out)."""
+        r = logits.shape[0]
+        shards = 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        floor = max(self.COMPACT_MIN_ROWS, shards)
+
+        def pause_at(width: int) -> jax.Array:  # pause at half the rows; narrow ones run out
+            return self._put(np.int32(width // 2 if width > floor else 0))
+
+        state = loop.start(self.graphdef, self.params, cache, logits, prompt_lengths, rows,
+                           stop_arrays, seed, pause_at(r), config=config)
+        where = np.arange(r)  # the original row of each row of `state` (-1: filler)
+        final = None
+        while True:
+            out = to_host(state.out)
+            if final is None:
+                final = jax.tree.map(np.copy, out)  # every field [r, ...]
+            running = out.finish_reason == loop.FinishReason.RUNNING
+            step = int(to_host(state.step))
+            ended = ~running if running.any() and step < config.cache.capacity else (
+                np.ones_like(running))
+            real = ended & (where >= 0)
+            for dst, src in zip(jax.tree.leaves(final), jax.tree.leaves(out)):
+                dst[where[real]] = src[real]
+            if ended.all():
+                return final
+            keep = np.flatnonzero(running)
+            width = max(_pow2(len(keep), 1), floor)
+            filler = np.flatnonzero(~running)[0]  # a finished row: stays finished, ignored
+            index = np.concatenate([keep, np.full((width - len(keep),), filler)])
+            state, rows = loop.take_rows(state, rows, self._put(index.astype(np.int32)),
+                                         mesh=self.mesh)
+            where = np.concatenate([where[keep], np.full((width - len(keep),), -1)])
+            state = loop.resume(self.graphdef, self.params, state, rows, stop_arrays, seed,
+                                pause_at(width), config=config)

@@ -49,5 +49,7 @@ def synth_tiny() -> ml_collections.ConfigDict:
     c.synth.seed = 0             # with the prompt id and phase, seeds every sampler row
     c.synth.batch_prompts = 16   # prompts in flight
     c.synth.batch_candidates = True  # B candidates in one call (False: one call each)
-    c.synth.rows_per_call = 0    # cap on rows per sampler call; 0 = none (8 is fastest on a CPU)
+    c.synth.rows_per_call = 0    # cap on rows per sampler call; 0 = none
+    c.synth.compact = True       # sampler calls go on with only the running rows once half
+                                 # have finished (same records, less work; Sampler.sample)
     return c

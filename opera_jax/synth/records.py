@@ -28,7 +28,7 @@ from opera_jax.synth.wrapper import WRAPPER
 log = logging.getLogger(__name__)
 
 # `synth` keys that only decide how work is batched or shown: they never change a record.
-BATCHING_KEYS = ("batch_prompts", "batch_candidates", "rows_per_call")
+BATCHING_KEYS = ("batch_prompts", "batch_candidates", "rows_per_call", "compact")
 
 
 def config_hash(config: ml_collections.ConfigDict) -> str:

@@ -38,6 +38,7 @@ class Batching:
     batch_prompts: int = 16        # prompts in flight
     batch_candidates: bool = True  # a REFLECT's B candidates in one call (False: B calls)
     rows_per_call: int = 0         # cap on rows per sampler call (KV-cache memory); 0 = none
+    compact: bool = True           # narrow a call's batch as its rows finish (Sampler.sample)
 
 
 @dataclasses.dataclass
@@ -129,7 +130,8 @@ class Scheduler:
             [r.context for r in reqs], max_new_tokens=[r.max_new_tokens for r in reqs],
             temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, n=n, stop=stop,
             seed=s.seed, prompt_logprobs=scored,
-            row_seeds=[requests[i].seeds[j] for i, rows in entries for j in rows])
+            row_seeds=[requests[i].seeds[j] for i, rows in entries for j in rows],
+            compact=self.batching.compact)
         outs = completions(samples, self.sampler.table, stop, self.sampler.eos_ids)
         for e, (i, rows) in enumerate(entries):
             for k, j in enumerate(rows):

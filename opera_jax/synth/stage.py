@@ -56,7 +56,7 @@ def settings_from(config: ml_collections.ConfigDict) -> tuple[Settings, Batching
         seed=s.seed, after_think=s.after_think)
     return settings, Batching(batch_prompts=s.batch_prompts,
                               batch_candidates=s.batch_candidates,
-                              rows_per_call=s.rows_per_call)
+                              rows_per_call=s.rows_per_call, compact=s.compact)
 
 
 def teacher_name(teacher: ml_collections.ConfigDict) -> str:
