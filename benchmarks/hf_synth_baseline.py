@@ -49,7 +49,8 @@ class TransformersSampler:
 
     @torch.no_grad()
     def sample(self, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, top_k=0, n=1,
-               stop=(), seed=0, prompt_logprobs=False, row_seeds=None) -> Samples:
+               stop=(), seed=0, prompt_logprobs=False, row_seeds=None,
+               compact=False) -> Samples:
         if len(prompts) != 1 or n != 1:
             raise ValueError("the published procedure samples one prompt, one row per call")
         context = list(prompts[0])
