@@ -263,7 +263,7 @@ def test_compaction_gives_the_same_samples(loaded, devices, monkeypatch):
     model, tok, _ = loaded
     graphdef, params = nnx.split(model)
     params = jax.tree.map(lambda x: x, params)
-    params["embed_tokens"].value = params["embed_tokens"].value * 4.0
+    params["embed_tokens"].set_value(params["embed_tokens"].get_value() * 4.0)
     model = nnx.merge(graphdef, params)
     mesh = make_mesh(data=2, fsdp=2, tensor=2) if devices == 8 else None
     s = Sampler(model, token_pieces=token_bytes(tok), pad_id=tok.pad_token_id, mesh=mesh)
