@@ -36,7 +36,8 @@ class TransformersSampler:
         pieces = stops_lib.token_bytes(tokenizer, vocab)
         self.table = stops_lib.TokenTable.build(pieces + [b""] * (vocab - len(pieces)))
 
-    def _first_stop(self, data: bytes, stop: Sequence[str]) -> tuple[int, int, int] | None:
+    @staticmethod
+    def _first_stop(data: bytes, stop: Sequence[str]) -> tuple[int, int, int] | None:
         """(stop index, start byte, end byte) of the stop string that ends first in `data`."""
         best = None
         for i, s in enumerate(stop):

@@ -82,6 +82,8 @@ class Sampler:
       cache_dtype: KV cache dtype; default the model's compute dtype.
     """
 
+    COMPACT_MIN_ROWS = 8  # `compact` never narrows the batch below this
+
     def __init__(self, model, *, token_pieces: Sequence[bytes | str] | None = None,
                  eos_ids: Sequence[int] = (), pad_id: int = 0, mesh: Mesh | None = None,
                  cache_dtype=None):
@@ -102,8 +104,6 @@ class Sampler:
         else:
             self._token_bytes = self._put(np.zeros((vocab, 8), np.uint8))
             self._token_len = self._put(np.zeros((vocab,), np.int32))
-
-    COMPACT_MIN_ROWS = 8  # `compact` never narrows the batch below this
 
     def set_params(self, params) -> None:
         """Samples from new weights (an `nnx.state` of the same model), e.g. after an RL step."""
@@ -232,12 +232,11 @@ class Sampler:
         where = np.arange(r)  # the original row of each row of `state` (-1: filler)
         final = None
         while True:
-            out = to_host(state.out)
+            out, step = to_host((state.out, state.step))  # one transfer per segment
             if final is None:
                 final = jax.tree.map(np.copy, out)  # every field [r, ...]
             running = out.finish_reason == loop.FinishReason.RUNNING
-            step = int(to_host(state.step))
-            ended = ~running if running.any() and step < config.cache.capacity else (
+            ended = ~running if running.any() and int(step) < config.cache.capacity else (
                 np.ones_like(running))
             real = ended & (where >= 0)
             for dst, src in zip(jax.tree.leaves(final), jax.tree.leaves(out)):
