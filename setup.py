@@ -20,6 +20,7 @@ setup(
         "optax>=0.2.4",
         "orbax-checkpoint>=0.11.0",
         "transformers>=4.51.0",  # first release with Qwen3
+        "jinja2>=3.1",  # transformers renders chat templates with it but does not require it
         "tokenizers>=0.21",
         "safetensors>=0.4",
         "einops>=0.8",

@@ -5,24 +5,24 @@
         --config.validation.path=/data/opera/val_prompts.jsonl --config.workdir=/runs/opera_8b
 
 (or `python -m opera_jax.train --config=configs/grpo_qwen3_8b_gpu8.py …` in an installed
-`.[cuda]` environment). Published (OPERA_METHOD.md §3, 32 GPUs): 64 prompts × 16 responses per
+`.[cuda]` environment). Published (docs/METHOD.md §3, 32 GPUs): 64 prompts × 16 responses per
 RL step, prompts up to 6,144 and responses up to 10,240 tokens, 8 updates per step. Here all of
 that on 8 GPUs: one process, parameters and AdamW state (float32, ~98 GB) sharded fsdp-8
 (~12 GB per GPU), bf16 compute with remat, 4 prompts × 16 rows per sampler call (bf16 KV cache
 ~16k slots × 144 KiB × 64 rows ≈ 150 GB over 8 GPUs), 16 micro-batches of 8 rows per update.
-The start point is the SFT model (`model.hf_dir`, or `init.checkpoint` = the SFT run); it is
+The start point is the SFT model (`model.hf_dir`, or `model.checkpoint` = the SFT run); it is
 also the KL reference.
 """
 
-from opera_jax.train.configs import grpo_published
+from opera_jax.config.setups import grpo_published
 
 
 def get_config():
     c = grpo_published("/ckpt/Qwen3-8B-sft")
     c.workdir = "/runs/opera_grpo_8b"
     c.model.preset = "qwen3-8b"
-    c.mesh.fsdp = -1             # all 8 GPUs
-    c.data.max_prompt_len = 6144
+    c.mesh.fsdp = None           # all 8 GPUs
+    c.rollout.max_prompt_len = 6144
     c.rollout.num_prompts = 64   # published: 64 prompts x 16 = 1,024 responses per RL step
     c.rollout.max_new_tokens = 10240
     c.rollout.prompts_per_call = 4

@@ -12,7 +12,7 @@ Published settings as in configs/grpo_qwen3_8b_gpu8.py; on v6e-8 (256 GB HBM in 
 rollout is split into 2 prompts × 16 rows per sampler call.
 """
 
-from opera_jax.train.configs import grpo_published
+from opera_jax.config.setups import grpo_published
 
 
 def get_config():
@@ -20,8 +20,7 @@ def get_config():
     c.workdir = "/mnt/runs/opera_grpo_8b"
     c.model.preset = "qwen3-8b"
     c.model.attention_impl = "splash"
-    c.mesh.fsdp = -1
-    c.data.max_prompt_len = 6144
+    c.rollout.max_prompt_len = 6144
     c.rollout.num_prompts = 64
     c.rollout.max_new_tokens = 10240
     c.rollout.prompts_per_call = 2

@@ -1,15 +1,20 @@
-"""SFT of the tiny preset on the embedded toy domain: the CPU smoke run (well under a minute).
+"""SFT of the tiny preset on the embedded toy domain's traces: the CPU smoke run (seconds).
 
-    python -m opera_jax.train.sft --config=configs/sft_tiny.py --config.sft.steps=20
+    python -m opera_jax.train --config=configs/sft_tiny.py --config.sft.steps=20
 
-Writes `data.write_toy_rows` rows of the toy domain (opera_jax/data/toy_domain.py, in the
-synthesis output format) to `data.path` first when that file does not exist. Outputs go to
-`workdir`: metrics.jsonl, tb/ (TensorBoard) and checkpoints/. Rerunning the same command resumes
-from the newest checkpoint; use a new `--config.workdir` for a fresh run. Real runs set `model.hf_dir` to a Qwen3 checkpoint and
-`data.path` to the synthesis output (`write_toy_rows=0`).
+Reads `data.path` = "toy:sft:256" (256 generated toy rows, in the synthesis output format;
+opera_jax/data/sources.py). Outputs go to `workdir`: metrics.jsonl, tb/ (TensorBoard) and
+checkpoints/. Rerunning the same command resumes from the newest checkpoint; use a new
+`--config.workdir` for a fresh run. Real runs name a checkpoint and the synthesis output:
+
+    python -m opera_jax.train --config=configs/sft_tiny.py \\
+        --config.model.hf_dir=/ckpt/Qwen3-8B --config.model.preset=None \\
+        --config.data.path=/runs/synth/records.jsonl --config.workdir=/runs/sft_8b
+
+Every key is documented in opera_jax/config/sections.py.
 """
 
-from opera_jax.train.configs import sft_tiny
+from opera_jax.config.setups import sft_tiny
 
 
 def get_config():

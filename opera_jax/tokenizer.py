@@ -71,6 +71,12 @@ def apply_chat_template(tokenizer, prompt: str, *, enable_thinking: bool = True,
                                          enable_thinking=enable_thinking)
 
 
+def response_text(thinking: str, output: str) -> str:
+    """A response in the trained format: the think block, a blank line, then the answer
+    (Qwen3's chat template writes the same separators)."""
+    return f"{THINK_OPEN}\n{thinking}\n{THINK_CLOSE}\n\n{output}"
+
+
 def encode(tokenizer, text: str) -> list[int]:
     """Token ids of `text`, without BOS or any added special tokens.
 
@@ -106,6 +112,12 @@ def encode_with_offsets(tokenizer, text: str) -> tuple[list[int], list[tuple[int
         raise TypeError(f"offsets need a fast tokenizer, got {type(tokenizer).__name__}")
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+
+
+def default_eos_ids(tokenizer) -> tuple[int, ...]:
+    """`<|im_end|>` (end of a chat turn) and the tokenizer's own EOS, when present."""
+    ids = {special_token_ids(tokenizer)["eos"], tokenizer.eos_token_id}
+    return tuple(sorted(i for i in ids if i is not None))
 
 
 def special_token_ids(tokenizer) -> dict[str, int | None]:

@@ -4,7 +4,8 @@ import grain
 import numpy as np
 import pytest
 
-from opera_jax.data.packing import TokenizeSFT, batch_examples, sft_response
+from opera_jax.data.packing import TokenizeSFT, batch_examples
+from opera_jax.tokenizer import response_text
 from opera_jax.tokenizer import load_tokenizer
 
 EOS, PAD, THINK, UNTHINK = 1021, 1019, 1022, 1023  # the tiny tokenizer's special ids
@@ -24,7 +25,7 @@ def test_loss_mask_covers_exactly_the_response(tok):
     response = [THINK, 198, 859, 66, 198, UNTHINK, 271, 313, EOS]
     np.testing.assert_array_equal(ex["tokens"], prompt + response)
     np.testing.assert_array_equal(ex["loss_mask"], [0] * 12 + [1] * 9)
-    assert sft_response("abc", "out") == "<think>\nabc\n</think>\n\nout"
+    assert response_text("abc", "out") == "<think>\nabc\n</think>\n\nout"
 
 
 def test_overlong_examples_are_dropped_or_truncated(tok, caplog):

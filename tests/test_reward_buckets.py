@@ -3,7 +3,7 @@
 import pytest
 
 from opera_jax.reward import RewardConfig
-from opera_jax.reward.contexts import bucket_size
+from opera_jax.buckets import bucket_size
 
 
 def test_bucket_sizes_by_hand():

@@ -10,7 +10,7 @@ from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from opera_jax import tokenizer as tk
 from opera_jax.reward import (Context, KeywordMatch, decode_with_offsets, has_keyword,
                               parse_think_block, plan_contexts, tokens_before)
-from opera_jax.reward.contexts import bucket_size
+from opera_jax.buckets import bucket_size
 
 KEYWORDS = ("But", "Wait", "Hmm", "However", "Wait a minute")
 

@@ -4,9 +4,11 @@ Every problem names the file and the 1-based line number, e.g.
 
     /data/sft.jsonl:17: missing field 'thinking'
 
-`on_error` decides what a bad row does: `OnError.RAISE` stops at the first one with a
-`BadRowError`; `OnError.SKIP` logs a warning per row, drops it, and logs a summary. Blank lines
-are ignored (a trailing newline is not an error). A file with no valid row is always an error.
+`on_error` decides what a bad row does: `OnBadRow.RAISE` stops at the first one with a
+`BadRowError`; `OnBadRow.SKIP` names the first few, drops them all and logs a count. A bad row
+is one that is not valid UTF-8, not JSON, not an object, lacks a required field, or holds a
+`task_type` that is not one of the reward's. Blank lines are ignored (a trailing newline is
+not an error). A file with no valid row is always an error.
 
 Each returned record is the row's JSON object plus `"_source": "path:line"`, so later stages
 (tokenisation, packing) can name the row too.
@@ -14,24 +16,21 @@ Each returned record is the row's JSON object plus `"_source": "path:line"`, so 
 
 from __future__ import annotations
 
-import enum
 import glob
 import json
 import logging
 import os
 from typing import Any, Sequence
 
+from opera_jax.config.sections import OnBadRow
+from opera_jax.reward.config import TaskType
+
 log = logging.getLogger(__name__)
 
 # The fields an SFT row must hold (non-empty strings); `id` and `reference` are optional.
 SFT_FIELDS = ("prompt", "thinking", "output")
-
-
-class OnError(str, enum.Enum):
-    """What a malformed row does."""
-
-    RAISE = "raise"
-    SKIP = "skip"
+# Bad rows named one by one before the count takes over.
+_NAMED = 3
 
 
 class BadRowError(ValueError):
@@ -55,17 +54,21 @@ def check_row(row: Any, required: Sequence[str]) -> str | None:
             return f"field {field!r} must be a string, got {type(value).__name__}"
         if not value.strip():
             return f"field {field!r} is empty"
+    task = row.get("task_type")
+    if task is not None and task not in {t.value for t in TaskType}:
+        return (f"field 'task_type' is {task!r}; valid: "
+                f"{', '.join(t.value for t in TaskType)}")
     return None
 
 
 def read_jsonl(path: str | os.PathLike, *, required: Sequence[str] = (),
-               on_error: OnError | str = OnError.RAISE) -> list[dict]:
+               on_error: OnBadRow | str = OnBadRow.RAISE) -> list[dict]:
     """Reads one JSONL file, validating every row.
 
     Args:
       path: the file.
       required: fields each row must hold as non-empty strings (e.g. `SFT_FIELDS`).
-      on_error: `OnError.RAISE` (or "raise") or `OnError.SKIP` (or "skip").
+      on_error: `OnBadRow.RAISE` (or "raise") or `OnBadRow.SKIP` (or "skip").
 
     Returns:
       The valid rows, in file order, each with `"_source": "path:line"` added.
@@ -74,30 +77,33 @@ def read_jsonl(path: str | os.PathLike, *, required: Sequence[str] = (),
       BadRowError: a bad row with `on_error=RAISE` (naming file and line), or no valid row.
       FileNotFoundError: `path` does not exist.
     """
-    on_error = OnError(on_error)
+    on_error = OnBadRow(on_error)
     path = os.fspath(path)
     rows, bad = [], 0
-    with open(path, encoding="utf-8") as f:
-        for lineno, text in enumerate(f, start=1):
-            if not text.strip():
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
                 continue
             try:
-                row = json.loads(text)
+                row = json.loads(raw.decode("utf-8"))
                 reason = check_row(row, required)
+            except UnicodeDecodeError as e:
+                reason = f"not valid UTF-8 (byte {e.start} of the line)"
             except json.JSONDecodeError as e:
                 reason = f"invalid JSON: {e.msg} at column {e.colno}"
             if reason is not None:
-                if on_error is OnError.RAISE:
+                if on_error is OnBadRow.RAISE:
                     raise BadRowError(path, lineno, reason)
                 bad += 1
-                log.warning("%s:%d: %s; skipping the row", path, lineno, reason)
+                if bad <= _NAMED:
+                    log.warning("%s:%d: %s; skipping the row", path, lineno, reason)
                 continue
             row["_source"] = f"{path}:{lineno}"
             rows.append(row)
     if bad:
-        log.warning("%s: skipped %d malformed of %d rows", path, bad, bad + len(rows))
+        log.warning("%s: skipped %d bad of %d rows", path, bad, bad + len(rows))
     if not rows:
-        raise BadRowError(path, 0, f"no valid rows ({bad} malformed)")
+        raise BadRowError(path, 0, f"no valid rows ({bad} bad)")
     return rows
 
 
@@ -121,7 +127,7 @@ def expand_paths(spec: str) -> list[str]:
 
 
 def read_jsonl_files(spec: str, *, required: Sequence[str] = (),
-                     on_error: OnError | str = OnError.RAISE) -> list[dict]:
+                     on_error: OnBadRow | str = OnBadRow.RAISE) -> list[dict]:
     """`read_jsonl` over every file of `expand_paths(spec)`, concatenated in order."""
     return [row for path in expand_paths(spec)
             for row in read_jsonl(path, required=required, on_error=on_error)]

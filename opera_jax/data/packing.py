@@ -22,29 +22,13 @@ from attending to each other; the loss also drops targets that cross a segment b
 
 from __future__ import annotations
 
-import enum
-import logging
-
 import grain
 import numpy as np
 
-from opera_jax.tokenizer import apply_chat_template, encode
-
-log = logging.getLogger(__name__)
+from opera_jax.config.sections import Overlong
+from opera_jax.tokenizer import apply_chat_template, encode, response_text
 
 BATCH_KEYS = ("tokens", "segment_ids", "positions", "loss_mask")
-
-
-class Overlong(str, enum.Enum):
-    """What an example longer than the row length T does."""
-
-    DROP = "drop"          # skip it (warned once per row of the source file)
-    TRUNCATE = "truncate"  # keep its first T tokens (the response loses its end and eos)
-
-
-def sft_response(thinking: str, output: str) -> str:
-    """The response text the student learns: the think block, then the answer."""
-    return f"<think>\n{thinking}\n</think>\n\n{output}"
 
 
 class TokenizeSFT:
@@ -54,7 +38,7 @@ class TokenizeSFT:
       tokenizer: a `transformers` tokenizer with a Qwen3-style chat template.
       eos_id: the id appended after the output (`<|im_end|>` for Qwen3).
       seq_len: T, the row length; longer examples follow `overlong`.
-      overlong: `Overlong.DROP` or `Overlong.TRUNCATE`.
+      overlong: `Overlong.DROP` or `Overlong.TRUNCATE` (config.sections.Overlong).
       enable_thinking: passed to the chat template.
     """
 
@@ -63,24 +47,17 @@ class TokenizeSFT:
         self.tokenizer, self.eos_id, self.seq_len = tokenizer, int(eos_id), int(seq_len)
         self.overlong = Overlong(overlong)
         self.enable_thinking = enable_thinking
-        self._warned: set[str] = set()
 
     def __call__(self, row: dict) -> dict | None:
         prompt = encode(self.tokenizer, apply_chat_template(
             self.tokenizer, row["prompt"], enable_thinking=self.enable_thinking))
-        response = encode(self.tokenizer, sft_response(row["thinking"], row["output"]))
+        response = encode(self.tokenizer, response_text(row["thinking"], row["output"]))
         response.append(self.eos_id)
         tokens = np.asarray(prompt + response, np.int32)
         loss_mask = np.concatenate([np.zeros(len(prompt), np.int32),
                                     np.ones(len(response), np.int32)])
-        if len(tokens) > self.seq_len:
-            source = row.get("_source", "?")
-            keep = self.overlong is Overlong.TRUNCATE and len(prompt) < self.seq_len
-            if source not in self._warned:
-                self._warned.add(source)
-                log.warning("%s: example has %d tokens > seq_len %d; %s", source, len(tokens),
-                            self.seq_len, "truncated" if keep else "dropped")
-            if not keep:
+        if len(tokens) > self.seq_len:  # dropped rows are counted by pipeline.CountDrops
+            if not (self.overlong is Overlong.TRUNCATE and len(prompt) < self.seq_len):
                 return None
             tokens, loss_mask = tokens[:self.seq_len], loss_mask[:self.seq_len]
         return {"tokens": tokens, "loss_mask": loss_mask}

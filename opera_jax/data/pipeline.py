@@ -8,18 +8,76 @@ records, and host i of n takes elements i, i + n, i + 2n, … of that stream, so
 disjoint rows and together cover every row once per epoch.
 
 `iterator.get_state()` / `set_state(state)` is the position (a small JSON-able dict, one per
-host); `opera_jax.train.checkpoint` saves it next to the model so a resumed run continues with
-the exact next batch.
+host); `opera_jax.checkpoint` saves it next to the model so a resumed run continues with the
+exact next batch.
+
+Rows a tokeniser drops (too long) are counted, not warned about one by one: the first few are
+named, then one summary per pass. A whole pass over the rows that yields nothing is an error
+(`EmptyDataError`) naming the source, the filter and the numbers, instead of an endless wait.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import logging
+import threading
+from typing import Callable, Sequence
 
 import grain
 import jax
+import numpy as np
 
-from opera_jax.data.packing import Overlong, TokenizeSFT, batch_examples
+from opera_jax import tokenizer as tk
+from opera_jax.data.packing import TokenizeSFT, batch_examples
+from opera_jax.reward.config import TaskType
+
+log = logging.getLogger(__name__)
+
+# Named one by one before the counting takes over.
+_NAMED_DROPS = 3
+
+
+class EmptyDataError(ValueError):
+    """Every row of a source was filtered out: training would wait for ever."""
+
+
+class CountDrops:
+    """Wraps a row -> example-or-None map: counts the dropped rows, names the first few, logs
+    one summary per pass, and raises `EmptyDataError` once `total` rows in a row were dropped
+    (a whole pass without a usable row).
+
+    Args:
+      fn: the map; returns None for a row it drops.
+      total: rows in one pass (this host's share of the source).
+      source: the data spec, for messages.
+      reason: why `fn` drops a row, e.g. "longer than seq_len=256 tokens".
+    """
+
+    def __init__(self, fn: Callable[[dict], dict | None], *, total: int, source: str,
+                 reason: str):
+        self.fn, self.total, self.source, self.reason = fn, max(int(total), 1), source, reason
+        self._lock = threading.Lock()
+        self._seen = self._dropped = self._run = 0
+
+    def __call__(self, row: dict) -> dict | None:
+        example = self.fn(row)
+        with self._lock:
+            self._seen += 1
+            if example is None:
+                self._dropped += 1
+                self._run += 1
+                if self._dropped <= _NAMED_DROPS:
+                    log.warning("%s: row %s dropped: %s", self.source,
+                                row.get("_source", row.get("id", "?")), self.reason)
+            else:
+                self._run = 0
+            if self._run >= self.total:
+                raise EmptyDataError(f"all {self.total} rows of {self.source} were dropped: "
+                                     f"{self.reason}")
+            if self._seen % self.total == 0 and self._dropped:
+                log.warning("%s: %d of %d rows dropped in pass %d (%s)", self.source,
+                            self._dropped, self.total, self._seen // self.total, self.reason)
+                self._dropped = 0
+        return example
 
 
 def shuffled_source(records: Sequence, *, seed: int, shuffle: bool = True,
@@ -51,10 +109,10 @@ def shuffled_source(records: Sequence, *, seed: int, shuffle: bool = True,
 
 def sft_batches(records: Sequence[dict], tokenizer, *, eos_id: int, pad_id: int, seq_len: int,
                 global_batch_size: int, seed: int, packing: bool = True,
-                overlong: Overlong | str = Overlong.DROP, enable_thinking: bool = True,
+                overlong: str = "drop", enable_thinking: bool = True,
                 num_epochs: int | None = None, num_threads: int = 2,
-                process_index: int | None = None,
-                process_count: int | None = None) -> grain.IterDataset:
+                process_index: int | None = None, process_count: int | None = None,
+                source: str = "the SFT data") -> grain.IterDataset:
     """This host's SFT batches: dicts of int32 [B / hosts, T] numpy arrays.
 
     Args:
@@ -70,6 +128,7 @@ def sft_batches(records: Sequence[dict], tokenizer, *, eos_id: int, pad_id: int,
       num_epochs: None = forever.
       num_threads: threads that tokenise ahead of the training loop (0 = inline).
       process_index / process_count: see `shuffled_source`.
+      source: the data spec, for messages.
 
     Returns:
       An IterDataset; `iter(ds)` gives a DatasetIterator with get_state / set_state. Keys:
@@ -83,8 +142,63 @@ def sft_batches(records: Sequence[dict], tokenizer, *, eos_id: int, pad_id: int,
                          process_index=process_index, process_count=count)
     tokenize = TokenizeSFT(tokenizer, eos_id=eos_id, seq_len=seq_len, overlong=overlong,
                            enable_thinking=enable_thinking)
-    ds = ds.map(tokenize).filter(lambda ex: ex is not None)
+    guard = CountDrops(tokenize, total=-(-len(records) // count), source=source,
+                       reason=f"longer than seq_len={seq_len} tokens (overlong={overlong})")
+    ds = ds.map(guard).filter(lambda ex: ex is not None)
     read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(num_threads, 1) * 8)
     ds = ds.to_iter_dataset(read)
     return batch_examples(ds, seq_len=seq_len, batch_size=global_batch_size // count,
                           pad_id=pad_id, packing=packing)
+
+
+PROMPT_FIELDS = ("prompt", "reference")
+
+
+class TokenizePrompt:
+    """Prompt row (`prompt`, `reference`, optional `task_type`, `id`) → token ids.
+
+    The prompt gets the chat template with the generation prompt (thinking on by default), as
+    the policy sees it; the reference is tokenised on its own. Prompts longer than
+    `max_prompt_len` tokens give None (dropped; `prompt_batches` counts them).
+    """
+
+    def __init__(self, tokenizer, *, max_prompt_len: int, enable_thinking: bool = True):
+        self.tokenizer, self.max_prompt_len = tokenizer, max_prompt_len
+        self.enable_thinking = enable_thinking
+
+    def __call__(self, row: dict) -> dict | None:
+        text = tk.apply_chat_template(self.tokenizer, row["prompt"],
+                                      enable_thinking=self.enable_thinking)
+        ids = tk.encode(self.tokenizer, text)
+        if len(ids) > self.max_prompt_len:
+            return None
+        return {"id": str(row.get("id", "")), "prompt": row["prompt"],
+                "prompt_ids": np.asarray(ids, np.int32),
+                "reference_ids": np.asarray(tk.encode(self.tokenizer, row["reference"]),
+                                            np.int32),
+                "task_type": TaskType(row.get("task_type", "writing")).value}
+
+
+def prompt_batches(records: Sequence[dict], tokenizer, *, batch_size: int, seed: int,
+                   max_prompt_len: int, enable_thinking: bool = True, shuffle: bool = True,
+                   num_epochs: int | None = None, num_threads: int = 2,
+                   per_host: bool = True, source: str = "the prompt data") -> grain.IterDataset:
+    """This host's prompt batches: lists of `TokenizePrompt` dicts, `batch_size / hosts` each;
+    with `per_host=False` every host reads the same global batches of `batch_size` (GRPO's
+    host-side sampling and reward work on the whole batch in every process).
+
+    Uses the SFT pipeline's seeded, per-epoch reshuffled, host-strided source, so the
+    iterator's position checkpoints the same way.
+    """
+    count = jax.process_count() if per_host else 1
+    if batch_size % count:
+        raise ValueError(f"{batch_size} prompts per step are not divisible by {count} hosts")
+    ds = shuffled_source(records, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
+                         **({} if per_host else dict(process_index=0, process_count=1)))
+    tokenize = TokenizePrompt(tokenizer, max_prompt_len=max_prompt_len,
+                              enable_thinking=enable_thinking)
+    guard = CountDrops(tokenize, total=-(-len(records) // count), source=source,
+                       reason=f"longer than max_prompt_len={max_prompt_len} tokens")
+    ds = ds.map(guard).filter(lambda ex: ex is not None)
+    read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(num_threads, 1) * 8)
+    return ds.to_iter_dataset(read).batch(batch_size // count, batch_fn=list)

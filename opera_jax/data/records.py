@@ -3,7 +3,7 @@
 JSONL is read whole into memory (validated, line-numbered errors; see data.jsonl): right for
 the cold-start set (tens of thousands of rows). For larger sets, convert once:
 
-    python -m opera_jax.data.records /data/sft.jsonl /data/sft.array_record
+    python -m opera_jax.data.records --input=/data/sft.jsonl --output=/data/sft.array_record
 
 Conversion validates every row (errors and warnings name the JSONL file and line) and stores
 one JSON object per record, `_source` included; training then reads records by index through
@@ -14,14 +14,14 @@ package that Grain already depends on is all this needs.)
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from typing import Sequence
 
 import grain
 
-from opera_jax.data.jsonl import SFT_FIELDS, OnError, expand_paths, read_jsonl_files
+from opera_jax.config.sections import OnBadRow
+from opera_jax.data.jsonl import SFT_FIELDS, expand_paths, read_jsonl_files
 
 ARRAY_RECORD_SUFFIX = ".array_record"
 
@@ -47,8 +47,8 @@ class JsonRecords:
         return f"JsonRecords({self.paths!r}, rows={len(self)})"
 
 
-def open_rows(spec: str, *, required: Sequence[str] = (),
-              on_error: OnError | str = OnError.RAISE) -> Sequence[dict]:
+def open_files(spec: str, *, required: Sequence[str] = (),
+               on_error: OnBadRow | str = OnBadRow.RAISE) -> Sequence[dict]:
     """The rows named by `spec` (comma-separated paths and/or globs).
 
     `*.array_record` files are opened for random access (validated when converted); anything
@@ -68,7 +68,7 @@ def open_rows(spec: str, *, required: Sequence[str] = (),
 
 def jsonl_to_array_record(spec: str, out_path: str | os.PathLike, *,
                           required: Sequence[str] = SFT_FIELDS,
-                          on_error: OnError | str = OnError.RAISE) -> int:
+                          on_error: OnBadRow | str = OnBadRow.RAISE) -> int:
     """Validates the JSONL rows of `spec` and writes them to one ArrayRecord file.
 
     Returns:
@@ -89,13 +89,24 @@ def jsonl_to_array_record(spec: str, out_path: str | os.PathLike, *,
     return len(rows)
 
 
+def main(argv) -> None:
+    """`python -m opera_jax.data.records --input=IN.jsonl --output=OUT.array_record`."""
+    from absl import flags
+
+    del argv
+    f = flags.FLAGS
+    n = jsonl_to_array_record(f.input, f.output,
+                              required=[x for x in f.required.split(",") if x],
+                              on_error=f.on_bad_row)
+    print(f"wrote {n} rows to {f.output}")
+
+
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description="Validate JSONL rows and write them as ArrayRecord.")
-    p.add_argument("jsonl", help="comma-separated paths and/or globs")
-    p.add_argument("out", help=f"output file (…{ARRAY_RECORD_SUFFIX})")
-    p.add_argument("--required", default=",".join(SFT_FIELDS))
-    p.add_argument("--on-bad-row", default="raise", choices=[e.value for e in OnError])
-    a = p.parse_args()
-    n = jsonl_to_array_record(a.jsonl, a.out, required=[f for f in a.required.split(",") if f],
-                              on_error=a.on_bad_row)
-    print(f"wrote {n} rows to {a.out}")
+    from absl import app, flags
+
+    flags.DEFINE_string("input", None, "JSONL rows: comma-separated paths and/or globs",
+                        required=True)
+    flags.DEFINE_string("output", None, f"output file (…{ARRAY_RECORD_SUFFIX})", required=True)
+    flags.DEFINE_string("required", ",".join(SFT_FIELDS), "fields every row must hold")
+    flags.DEFINE_enum("on_bad_row", "raise", [e.value for e in OnBadRow], "bad rows")
+    app.run(main)

@@ -15,6 +15,11 @@ here, and is built so that every OPERA stage does real work on a tiny model:
   something to learn (reflect, and reflect towards the prompt).
 * A few `math` rows ("What is 3 plus 4?" → \\boxed{7}) exercise the verifiable-reward path.
 
+Ground truth. The reward never reads the answer, but on this domain the answer can be checked
+exactly: `check_answer(prompt, answer)` says whether it is the form's template with the prompt's
+animal (well-formed) and whether its color and place are the prompt's. That is the question
+OPERA's thesis asks in miniature: does rewarding the thinking make the answer right?
+
 Everything is deterministic given a seed. Held-out prompts come from a disjoint set of
 (color, animal, place) triples, so validation measures generalisation, not recall.
 """
@@ -24,13 +29,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import random
+import re
 from typing import Callable
+
+from opera_jax.reward.config import GUIDING_WORDS
+from opera_jax.tokenizer import EOS_TOKEN, response_text
 
 COLORS = ("red", "blue", "green", "golden", "silver", "white", "black", "gray")
 ANIMALS = ("fox", "owl", "cat", "bear", "wolf", "deer", "crow", "horse")
 PLACES = ("forest", "river", "city", "garden", "mountain", "harbor", "meadow", "desert")
 FORMS = ("story", "poem")
-GUIDING_WORDS = ("Wait", "But", "Hmm", "However", "Let me think")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +60,50 @@ def render_answer(form: str, color: str, animal: str, place: str) -> str:
                 f"walked to the {place}, and the {color} {animal} was happy there.")
     return (f"A {color} {animal} by the {place},\nquiet and slow.\n"
             f"The {place} keeps the {animal}\nwhere the {color} winds go.")
+
+
+_PROMPT = re.compile(r"Write a short (story|poem) about a (\w+) (\w+) near the (\w+)\.")
+
+
+def _words(options) -> re.Pattern:
+    return re.compile(r"\b(" + "|".join(options) + r")\b")
+
+
+_COLOR_WORDS, _PLACE_WORDS = _words(COLORS), _words(PLACES)
+
+
+def scene_of(prompt: str) -> Scene | None:
+    """The scene a toy prompt asks for (also inside the synthesis wrapper), or None when the
+    prompt is not one of this domain's writing prompts (no ground truth to check)."""
+    m = _PROMPT.search(prompt)
+    if m is None:
+        return None
+    scene = Scene(*m.groups())
+    known = scene.color in COLORS and scene.animal in ANIMALS and scene.place in PLACES
+    return scene if known else None
+
+
+def check_answer(prompt: str, answer: str) -> dict[str, bool] | None:
+    """The answer measured against the prompt's scene; None without a checkable ground truth.
+
+    Returns:
+      well_formed: the answer is a story or poem template for the prompt's animal with one
+        color and one place of the domain (not degenerate, not cut off, nothing added; the
+        form is not judged);
+      color / place: every color (place) word in the answer is the prompt's, and there is one;
+      correct: all three.
+    """
+    scene = scene_of(prompt)
+    if scene is None:
+        return None
+    answer = answer.strip()
+    colors, places = set(_COLOR_WORDS.findall(answer)), set(_PLACE_WORDS.findall(answer))
+    well_formed = len(colors) == 1 and len(places) == 1 and any(
+        answer == render_answer(form, next(iter(colors)), scene.animal, next(iter(places)))
+        for form in FORMS)
+    color, place = colors == {scene.color}, places == {scene.place}
+    return {"well_formed": well_formed, "color": color, "place": place,
+            "correct": well_formed and color and place}
 
 
 def _is_held_out(scene: Scene) -> bool:
@@ -151,7 +203,7 @@ def prompt_rows(n: int, *, seed: int, held_out: bool = False, math_fraction: flo
 
 
 def warmup_texts(n: int, *, seed: int, chat: Callable[[str], str],
-                 wrap: Callable[[str], str] | None = None, eos: str = "<|im_end|>") -> list[str]:
+                 wrap: Callable[[str], str] | None = None, eos: str = EOS_TOKEN) -> list[str]:
     """Full training texts for the from-scratch warm-up.
 
     Args:
@@ -166,5 +218,5 @@ def warmup_texts(n: int, *, seed: int, chat: Callable[[str], str],
     texts = []
     for ex in examples(n, seed=seed):
         prompt = wrap(ex["prompt"]) if wrap is not None and rng.random() < 0.5 else ex["prompt"]
-        texts.append(f"{chat(prompt)}<think>\n{ex['thinking']}\n</think>\n\n{ex['output']}{eos}")
+        texts.append(chat(prompt) + response_text(ex["thinking"], ex["output"]) + eos)
     return texts

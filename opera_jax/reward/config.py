@@ -13,8 +13,10 @@ import dataclasses
 import enum
 import math
 
-# Published reflection keywords, matched case-insensitively.
+# Published reflection keywords, matched case-insensitively (the reward's reflection term).
 DEFAULT_KEYWORDS = ("But", "Wait", "Hmm", "However", "Wait a minute")
+# Published guiding words: where cold-start synthesis stops to branch (method §4, step 2).
+GUIDING_WORDS = ("Wait", "But", "Hmm", "Let me think", "However")
 
 
 class KeywordMatch(str, enum.Enum):

@@ -8,7 +8,6 @@ take lists of them, in the order `[c_full, c_0, c_1, …, c_K]`.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Sequence
 
 from opera_jax.reward.segments import ThinkBlock, tokens_before
@@ -55,14 +54,3 @@ def check_contexts(sequence_len: int, contexts: Sequence[Context], *, sample: in
         if not 0 <= c.prefix_len <= sequence_len or c.length() < 1:
             raise ValueError(f"sample {sample}: context {j} {c} is not a non-empty prefix of a "
                              f"sequence of {sequence_len} tokens")
-
-
-def bucket_size(n: int, minimum: int = 1, per_octave: int = 16) -> int:
-    """Pads a size up to a bucket: `minimum`, then `per_octave` buckets per octave (a power of
-    two; 16 wastes ≤ 6.25 %, 2 wastes ≤ 50 % but compiles far fewer shapes)."""
-    if per_octave < 1 or per_octave & (per_octave - 1):
-        raise ValueError(f"buckets per octave must be a power of two, got {per_octave}")
-    if n <= minimum:
-        return minimum
-    step = max(1, 2 ** (math.ceil(math.log2(n)) - per_octave.bit_length()))
-    return -(-n // step) * step

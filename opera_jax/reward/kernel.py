@@ -24,7 +24,7 @@ Cost per response: one pass over |x| + |y| tokens plus (K + 2) passes over |a| t
 attending to about |x| + |b_k| + |a| slots), against (K + 2) passes over |x| + |b_k| + |a|
 tokens. Attention goes through the model's cached-call path (XLA, dense scores over the
 window); see benchmarks/RESULTS.md for what that means on GPU.
-Lengths, batch and context counts are padded to buckets (`contexts.bucket_size`), so a new
+Lengths, batch and context counts are padded to buckets (`buckets.bucket_size`), so a new
 batch of the same bucket sizes reuses the compiled function (`TRACE_COUNT` counts traces).
 """
 
@@ -41,7 +41,8 @@ from flax import nnx
 
 from opera_jax.model import KVCache
 from opera_jax.reward.config import RewardConfig
-from opera_jax.reward.contexts import Context, bucket_size
+from opera_jax.buckets import bucket_size, round_up
+from opera_jax.reward.contexts import Context
 from opera_jax.sharding import to_host
 
 # Traces of the jitted kernel (a test checks that equal bucket sizes do not retrace).
@@ -96,7 +97,7 @@ def _pack(sequences, references, contexts, config: RewardConfig):
     p = bucket_size(max(len(s) for s in sequences), config.min_bucket, per)
     # Equal prefill chunks of at most `prefill_chunk` tokens (multiples of 8) covering p.
     n_chunks = -(-p // config.prefill_chunk)
-    chunk = _round_up(-(-p // n_chunks), 8)
+    chunk = round_up(-(-p // n_chunks), 8)
     p = n_chunks * chunk
     r = bucket_size(max(len(a) for a in references), config.min_bucket, per)
     tokens = np.zeros((b, p), np.int32)
@@ -134,12 +135,8 @@ def _pack(sequences, references, contexts, config: RewardConfig):
 
 def cache_windows(p: int, count: int) -> tuple[int, ...]:
     """The static window sizes (cache slots a reference pass attends to): ~p·i/count."""
-    sizes = {min(p, _round_up(-(-p * i // count), 8)) for i in range(1, count + 1)}
+    sizes = {min(p, round_up(-(-p * i // count), 8)) for i in range(1, count + 1)}
     return tuple(sorted(sizes))
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "windows", "logprob_chunk"))

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from opera_jax.reward.contexts import Context, bucket_size
+from opera_jax.buckets import bucket_size
+from opera_jax.reward.contexts import Context
 from opera_jax.sharding import to_host
 
 

@@ -31,9 +31,7 @@ import numpy as np
 from tokenizers.decoders import DecodeStream
 
 from opera_jax.reward.config import KeywordMatch
-
-THINK_OPEN = "<think>"
-THINK_CLOSE = "</think>"
+from opera_jax.tokenizer import THINK_CLOSE, THINK_OPEN
 
 _WHITESPACE_RUN = re.compile(r"\s+")
 
@@ -116,10 +114,14 @@ def _paragraphs(text: str, start: int, end: int) -> list[Segment]:
     return out
 
 
-@functools.lru_cache(maxsize=256)
-def _keyword_pattern(keyword: str) -> re.Pattern:
-    words = [re.escape(w) for w in keyword.split()]
-    return re.compile(r"(?<!\w)" + r"\s+".join(words) + r"(?!\w)", re.IGNORECASE)
+@functools.lru_cache(maxsize=64)
+def keyword_regex(keywords: tuple[str, ...]) -> re.Pattern:
+    """Whole-word, case-insensitive alternation of `keywords` (no letter, digit or "_" on
+    either side; any whitespace run between a keyword's words), longest first, so that
+    "Wait a minute" is found once rather than also as "Wait"."""
+    words = sorted(keywords, key=len, reverse=True)
+    alternatives = (r"\s+".join(map(re.escape, k.split())) for k in words)
+    return re.compile(r"(?<!\w)(?:" + "|".join(alternatives) + r")(?!\w)", re.IGNORECASE)
 
 
 def has_keyword(text: str, keywords: Sequence[str], mode: KeywordMatch = KeywordMatch.WORD
@@ -136,7 +138,7 @@ def has_keyword(text: str, keywords: Sequence[str], mode: KeywordMatch = Keyword
     if mode is KeywordMatch.SUBSTRING:
         lowered = text.lower()
         return any(k.lower() in lowered for k in keywords)
-    return any(_keyword_pattern(k).search(text) for k in keywords)
+    return keyword_regex(tuple(keywords)).search(text) is not None
 
 
 def tokens_before(offsets: Sequence[tuple[int, int]], cut: int) -> int:

@@ -6,12 +6,12 @@ buckets, sharding, numpy results on token ids), `generate` (the text API).
 """
 
 from opera_jax.sampling.filters import FilterMode
-from opera_jax.sampling.generate import Completion, default_eos_ids, generate
+from opera_jax.sampling.generate import Completion, generate
 from opera_jax.sampling.loop import (TRACE_COUNT, CacheConfig, FinishReason, LoopConfig,
                                      SampleOutput)
 from opera_jax.sampling.sampler import Sampler, Samples
 from opera_jax.sampling.stops import TokenTable, token_bytes
 
 __all__ = ["CacheConfig", "Completion", "FilterMode", "FinishReason", "LoopConfig",
-           "SampleOutput", "Sampler", "Samples", "TRACE_COUNT", "TokenTable", "default_eos_ids",
+           "SampleOutput", "Sampler", "Samples", "TRACE_COUNT", "TokenTable",
            "generate", "token_bytes"]

@@ -13,13 +13,12 @@ or `opera_jax.tokenizer.apply_chat_template` first). For repeated calls with one
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Sequence
 
 from opera_jax.sampling import stops
 from opera_jax.sampling.loop import FinishReason
 from opera_jax.sampling.sampler import Sampler, Samples
-from opera_jax.tokenizer import encode, special_token_ids
+from opera_jax.tokenizer import default_eos_ids, encode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,17 +45,6 @@ class Completion:
     prompt_index: int
     sample_index: int
     prompt_logprobs: list[float] | None = None
-
-
-@functools.lru_cache(maxsize=4)
-def _token_pieces(tokenizer, vocab_size: int) -> tuple[bytes, ...]:
-    return tuple(stops.token_bytes(tokenizer, vocab_size))
-
-
-def default_eos_ids(tokenizer) -> tuple[int, ...]:
-    """`<|im_end|>` (end of a chat turn) and the tokenizer's own EOS, when present."""
-    ids = {special_token_ids(tokenizer)["eos"], tokenizer.eos_token_id}
-    return tuple(sorted(i for i in ids if i is not None))
 
 
 def completions(samples: Samples, table: stops.TokenTable, stop: Sequence[str],
@@ -103,11 +91,8 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens, temper
       len(prompts) · n Completions, prompt-major (prompt i's samples are [i·n, (i+1)·n)).
     """
     stop = tuple(stop)
-    eos_ids = tuple(default_eos_ids(tokenizer) if eos_ids is None else eos_ids)
-    pieces = _token_pieces(tokenizer, model.config.vocab_size)
-    pad = special_token_ids(tokenizer)["pad"]
-    sampler = Sampler(model, token_pieces=pieces, eos_ids=eos_ids,
-                      pad_id=pad if pad is not None else 0, mesh=mesh)
+    sampler = Sampler.for_tokenizer(model, tokenizer, mesh=mesh, eos_ids=eos_ids)
+    eos_ids = sampler.eos_ids
     ids = [encode(tokenizer, p) for p in prompts]
     samples = sampler.sample(ids, max_new_tokens=max_new_tokens, temperature=temperature,
                              top_p=top_p, top_k=top_k, n=n, stop=stop, seed=seed,

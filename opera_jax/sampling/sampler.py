@@ -15,6 +15,7 @@ to multiples of 4 strings × 8 bytes — places the inputs on the mesh, runs `lo
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import jax
@@ -23,19 +24,15 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from opera_jax.buckets import bucket_size
 from opera_jax.sampling import filters, loop, stops
 from opera_jax.sharding import named_sharding, state_shardings, to_host
+from opera_jax.tokenizer import default_eos_ids, special_token_ids
 
 
-def _pow2(x: int, minimum: int) -> int:
-    return max(minimum, 1 << max(0, int(x) - 1).bit_length())
-
-
-def _bucket(x: int, minimum: int) -> int:
-    """The smallest 2^k or 3·2^(k-1) that is >= max(x, minimum)."""
-    x = max(int(x), minimum)
-    p = _pow2(x, 1)
-    return 3 * p // 4 if p >= 4 and 3 * p // 4 >= x else p
+@functools.lru_cache(maxsize=4)
+def _token_pieces(tokenizer, vocab_size: int) -> tuple[bytes, ...]:
+    return tuple(stops.token_bytes(tokenizer, vocab_size))
 
 
 def _per_prompt(value, count: int, dtype) -> np.ndarray:
@@ -83,6 +80,18 @@ class Sampler:
     """
 
     COMPACT_MIN_ROWS = 8  # `compact` never narrows the batch below this
+
+    @classmethod
+    def for_tokenizer(cls, model, tokenizer, *, mesh: Mesh | None = None,
+                      stop_strings: bool = True, eos_ids: Sequence[int] | None = None,
+                      cache_dtype=None) -> "Sampler":
+        """A sampler with the tokenizer's EOS ids (default `<|im_end|>` and its EOS) and pad
+        id, and with `stop_strings` the bytes of every token (stop strings need them)."""
+        pieces = _token_pieces(tokenizer, model.config.vocab_size) if stop_strings else None
+        pad = special_token_ids(tokenizer)["pad"]
+        return cls(model, token_pieces=pieces,
+                   eos_ids=default_eos_ids(tokenizer) if eos_ids is None else eos_ids,
+                   pad_id=0 if pad is None else pad, mesh=mesh, cache_dtype=cache_dtype)
 
     def __init__(self, model, *, token_pieces: Sequence[bytes | str] | None = None,
                  eos_ids: Sequence[int] = (), pad_id: int = 0, mesh: Mesh | None = None,
@@ -156,8 +165,8 @@ class Sampler:
         if (max_new < 0).any() or (temp < 0).any():
             raise ValueError("max_new_tokens and temperature must be >= 0")
 
-        b = _bucket(count, 1)  # padding prompts: length 0, max_new_tokens 0 (finished at once)
-        plen = _bucket(max(len(x) for x in prompts), 16)
+        b = bucket_size(count, 1, 2)  # padding prompts: length 0, max_new_tokens 0 (finished at once)
+        plen = bucket_size(max(len(x) for x in prompts), 16, 2)
         tokens = np.full((b, plen), self.pad_id, np.int32)
         lengths = np.zeros((b,), np.int32)
         for i, x in enumerate(prompts):
@@ -178,7 +187,7 @@ class Sampler:
         # The mode depends on top-k / top-p only, so temperature (greedy or not) never
         # recompiles; per shape bucket at most six filter variants (none, sort, top-k in four
         # widths) × stops on/off get compiled. Top-k values sharing a width never recompile.
-        cache_config = loop.CacheConfig(num_samples=n, capacity=_pow2(int(max_new.max()), 16),
+        cache_config = loop.CacheConfig(num_samples=n, capacity=bucket_size(int(max_new.max()), 16, 1),
                                         cache_dtype=self.cache_dtype, mesh=self.mesh,
                                         prompt_logprobs=prompt_logprobs)
         mode = filters.filter_mode(k, p)
@@ -192,7 +201,7 @@ class Sampler:
             max_new_tokens=self._put(rows(max_new, 0), ("batch",)),
             row_id=self._put(row_id, ("batch",)))
         stop_rev, stop_len = stops.encode_stops(stop)
-        eos = np.full((_pow2(len(self.eos_ids), 4),), -1, np.int32)
+        eos = np.full((bucket_size(len(self.eos_ids), 4, 1),), -1, np.int32)
         eos[:len(self.eos_ids)] = self.eos_ids
         stop_arrays = loop.StopArrays(token_bytes=self._token_bytes, token_len=self._token_len,
                                       stop_rev=self._put(stop_rev), stop_len=self._put(stop_len),
@@ -244,7 +253,7 @@ class Sampler:
             if ended.all():
                 return final
             keep = np.flatnonzero(running)
-            width = max(_pow2(len(keep), 1), floor)
+            width = max(bucket_size(len(keep), 1, 1), floor)
             filler = np.flatnonzero(~running)[0]  # a finished row: stays finished, ignored
             index = np.concatenate([keep, np.full((width - len(keep),), filler)])
             state, rows = loop.take_rows(state, rows, self._put(index.astype(np.int32)),

@@ -27,11 +27,9 @@ from typing import Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from opera_jax.buckets import round_up
+
 _NO_BYTE = -1  # stop padding / "before the generated text": never equal to a byte 0..255
-
-
-def _bucket(n: int, multiple: int) -> int:
-    return max(multiple, -(-n // multiple) * multiple)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -87,7 +85,7 @@ class TokenTable:
     @classmethod
     def build(cls, pieces: Sequence[bytes | str]) -> "TokenTable":
         pieces = tuple(p.encode("utf-8") if isinstance(p, str) else bytes(p) for p in pieces)
-        m = _bucket(max(len(p) for p in pieces), 8)
+        m = max(8, round_up(max(len(p) for p in pieces), 8))
         table = np.zeros((len(pieces), m), np.uint8)
         for i, p in enumerate(pieces):
             table[i, :len(p)] = np.frombuffer(p, np.uint8)
@@ -107,8 +105,8 @@ def encode_stops(stops: Sequence[str], *, min_count: int = 4, min_width: int = 8
     raw = [s.encode("utf-8") for s in stops]
     if any(len(r) == 0 for r in raw):
         raise ValueError("stop strings must be non-empty")
-    s = _bucket(len(raw), min_count)
-    w = _bucket(max((len(r) for r in raw), default=1), min_width)
+    s = max(min_count, round_up(len(raw), min_count))
+    w = max(min_width, round_up(max((len(r) for r in raw), default=1), min_width))
     rev = np.full((s, w), _NO_BYTE, np.int32)
     lengths = np.zeros((s,), np.int32)
     for i, r in enumerate(raw):

@@ -12,7 +12,8 @@ into shared sampler calls.
 
 Contexts. Thinking phases continue chat(wrap_prompt(prompt)) + "<think>\\n" + thinking so far;
 the answer continues chat(prompt) + "<think>\\n{thinking}\\n</think>" + `after_think` ("\\n\\n" by
-default, the published "\\n" by choice), with the unwrapped prompt.
+default, the published "\\n" by choice), with the unwrapped prompt. The knobs are the `synth`
+config section (`config.sections.Synth`).
 A reflective state is a context that ends with a guiding word (the stop string is kept).
 
 Perplexity of a candidate: exp(−mean log p) over every token after the first of
@@ -37,7 +38,8 @@ from typing import Sequence
 import numpy as np
 
 from opera_jax.sampling import Completion, FinishReason
-from opera_jax.synth.wrapper import GUIDING_WORDS, first_paragraph, wrap_prompt
+from opera_jax.config.sections import Synth
+from opera_jax.synth.wrapper import first_paragraph, wrap_prompt
 from opera_jax.tokenizer import THINK_CLOSE, THINK_OPEN, apply_chat_template, encode
 
 
@@ -55,27 +57,6 @@ class StopSet(enum.Enum):
     GUIDED = "guided"  # guiding words (bare, after "\n", after ". ") and </think>
     CLOSE = "close"    # </think>
     NONE = "none"      # EOS only
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    """The synthesis knobs that shape a record (the `synth` config section minus batching)."""
-
-    guiding_words: tuple[str, ...] = GUIDING_WORDS
-    num_candidates: int = 4          # B
-    max_states: int = 20             # reflective states per prompt
-    temperature: float = 0.6
-    top_p: float = 0.95
-    top_k: int = 20
-    max_phase_tokens: int = 256      # per THINK / FINISH call
-    max_candidate_tokens: int = 256  # per candidate
-    max_thinking_tokens: int = 4096  # thinking tokens on the kept path (then it ends)
-    max_answer_tokens: int = 2048
-    seed: int = 0
-    # Between </think> and the answer in the answer context. "\n\n" as Qwen3's chat template
-    # and the SFT format write it; "\n" is the published string (method §4, step 5), after
-    # which a BPE teacher must start from a token boundary it never saw there.
-    after_think: str = "\n\n"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +101,7 @@ def perplexity(context_logprobs: Sequence[float], candidate_logprobs: Sequence[f
 class Job:
     """One prompt row (`id`, `prompt`, `reference`, optional `task_type`) in synthesis."""
 
-    def __init__(self, row: dict, tokenizer, settings: Settings):
+    def __init__(self, row: dict, tokenizer, settings: Synth):
         self.row, self.tokenizer, self.settings = row, tokenizer, settings
         self.id = str(row["id"])
         self.think_head = (apply_chat_template(tokenizer, wrap_prompt(row["prompt"]))

@@ -16,27 +16,30 @@ file while a rerun with another teacher or temperature is refused.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 
-import ml_collections
-
+from opera_jax.config.sections import SYNTH_BATCHING_FIELDS, Model, Synth
 from opera_jax.synth.wrapper import WRAPPER
 
 log = logging.getLogger(__name__)
 
-# `synth` keys that only decide how work is batched or shown: they never change a record.
-BATCHING_KEYS = ("batch_prompts", "batch_candidates", "rows_per_call", "compact")
+# Teacher fields that do not change what it computes.
+_TEACHER_IGNORED = ("attention_impl", "remat")
 
 
-def config_hash(config: ml_collections.ConfigDict) -> str:
-    """12 hex digits of sha256 over the teacher section, the `synth` section without its
-    batching keys, and the wrapper text."""
-    synth = {k: v for k, v in config.synth.to_dict().items() if k not in BATCHING_KEYS}
-    blob = json.dumps({"teacher": config.teacher.to_dict(), "synth": synth, "wrapper": WRAPPER},
-                      sort_keys=True, default=list)
+def config_hash(teacher: Model, synth: Synth) -> str:
+    """12 hex digits of sha256 over the teacher's model section (without the fields that
+    change only speed), the `synth` section without its batching fields, and the wrapper."""
+    model = {k: v for k, v in dataclasses.asdict(teacher).items() if k not in _TEACHER_IGNORED}
+    knobs = {k: v for k, v in dataclasses.asdict(synth).items()
+             if k not in SYNTH_BATCHING_FIELDS}
+    blob = json.dumps({"teacher": model, "synth": knobs, "wrapper": WRAPPER}, sort_keys=True,
+                      default=lambda x: getattr(x, "value", list(x) if isinstance(x, tuple)
+                                                else str(x)))
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

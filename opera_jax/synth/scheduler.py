@@ -26,19 +26,11 @@ from typing import Callable, Iterable
 
 from opera_jax.sampling import Sampler
 from opera_jax.sampling.generate import completions
-from opera_jax.synth.job import Job, Phase, PhaseEvent, Request, Settings, StopSet
+from opera_jax.checkpoint import sigterm_received
+from opera_jax.config.sections import Synth
+from opera_jax.synth.job import Job, Phase, PhaseEvent, Request, StopSet
 from opera_jax.synth.wrapper import stop_strings
 from opera_jax.tokenizer import THINK_CLOSE
-
-
-@dataclasses.dataclass(frozen=True)
-class Batching:
-    """How requests are packed into sampler calls (never changes a record)."""
-
-    batch_prompts: int = 16        # prompts in flight
-    batch_candidates: bool = True  # a REFLECT's B candidates in one call (False: B calls)
-    rows_per_call: int = 0         # cap on rows per sampler call (KV-cache memory); 0 = none
-    compact: bool = True           # narrow a call's batch as its rows finish (Sampler.sample)
 
 
 @dataclasses.dataclass
@@ -61,27 +53,29 @@ class Scheduler:
     Args:
       sampler: built with the teacher's token pieces and EOS ids.
       tokenizer: the teacher's tokenizer.
-      settings: the synthesis knobs (job.Settings).
-      batching: how requests share calls.
+      settings: the `synth` section: the knobs that shape a record, and how requests share
+        calls (`batch_prompts`, `batch_candidates`, `rows_per_call`, `compact`).
     """
 
-    def __init__(self, sampler: Sampler, tokenizer, settings: Settings,
-                 batching: Batching = Batching()):
-        if batching.batch_prompts < 1:
-            raise ValueError(f"batch_prompts must be >= 1, got {batching.batch_prompts}")
-        if settings.num_candidates < 1:
-            raise ValueError(f"num_candidates must be >= 1, got {settings.num_candidates}")
+    def __init__(self, sampler: Sampler, tokenizer, settings: Synth):
         self.sampler, self.tokenizer = sampler, tokenizer
-        self.settings, self.batching = settings, batching
+        self.settings = self.batching = settings
         self.stops = {StopSet.GUIDED: stop_strings(settings.guiding_words),
                       StopSet.CLOSE: (THINK_CLOSE,), StopSet.NONE: ()}
         self.counters = Counters()
 
     def run(self, rows: Iterable[dict], *, on_done: Callable[[Job], None],
-            on_event: Callable[[PhaseEvent], None] | None = None) -> None:
-        """Synthesises every row; `on_done(job)` runs as soon as a job has its answer."""
+            on_event: Callable[[PhaseEvent], None] | None = None) -> bool:
+        """Synthesises every row; `on_done(job)` runs as soon as a job has its answer.
+
+        Returns:
+          False when SIGTERM arrived (inside `checkpoint.catch_sigterm`): it stops after the
+          current round; the prompts in flight are dropped and redone by a rerun.
+        """
         queue, active = collections.deque(rows), []
         while queue or active:
+            if sigterm_received():
+                return False
             while queue and len(active) < self.batching.batch_prompts:
                 active.append(Job(queue.popleft(), self.tokenizer, self.settings))
             for event in self.step(active):
@@ -91,6 +85,7 @@ class Scheduler:
                 if job.done:
                     on_done(job)
             active = [job for job in active if not job.done]
+        return True
 
     def step(self, jobs: list[Job]) -> list[PhaseEvent]:
         """One round: every job advances by one phase."""
@@ -110,8 +105,8 @@ class Scheduler:
         for (stop_set, n, _), entries in calls.items():
             # Similar context lengths share a chunk: less prompt padding and a shorter cache.
             entries.sort(key=lambda e: len(requests[e[0]].context))
-            per_call = max(1, self.batching.rows_per_call // n) if self.batching.rows_per_call \
-                else len(entries)
+            per_call = (len(entries) if self.batching.rows_per_call is None
+                        else max(1, self.batching.rows_per_call // n))
             for lo in range(0, len(entries), per_call):
                 self._call(stop_set, n, entries[lo:lo + per_call], requests, results,
                            context_lps)
@@ -128,7 +123,7 @@ class Scheduler:
         scored = any(r.phase is Phase.REFLECT for r in reqs)
         samples = self.sampler.sample(
             [r.context for r in reqs], max_new_tokens=[r.max_new_tokens for r in reqs],
-            temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, n=n, stop=stop,
+            temperature=s.temperature, top_p=s.top_p, top_k=s.top_k or 0, n=n, stop=stop,
             seed=s.seed, prompt_logprobs=scored,
             row_seeds=[requests[i].seeds[j] for i, rows in entries for j in rows],
             compact=self.batching.compact)

@@ -17,10 +17,8 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
+from opera_jax.reward.config import GUIDING_WORDS
 from opera_jax.tokenizer import THINK_CLOSE
-
-# Default reflective cues (method §4, step 2); a config may replace them.
-GUIDING_WORDS = ("Wait", "But", "Hmm", "Let me think", "However")
 
 WRAPPER = ("Think aloud first, in the first person and present tense, in plain paragraphs "
            "without lists or headings, inside one think block. Question yourself often with "

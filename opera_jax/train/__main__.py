@@ -1,32 +1,35 @@
 """`python -m opera_jax.train [--config=configs/<name>.py] [--config.<key>=<value> ...]`.
 
-Without `--config`, the embedded default (opera_jax/train/default_config.py): every OPERA stage
-on the toy domain, on the CPU, in minutes. Otherwise runs what `config.stage` names:
-`pipeline` (warm-up → synthesis → SFT → GRPO → evaluation), `sft` or `grpo`.
+Runs the stage a config names (`stage`: pipeline, synth, sft, grpo); without `--config`, the
+embedded default (`opera_jax.config.setups.default`): the main job, every OPERA stage on the
+toy domain, on the CPU, in minutes. See opera_jax/cli.py for the exit statuses.
 """
 
-import os
+import sys
 
-from opera_jax.train.cli import run
+from absl import app, flags
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_config.py")
+from opera_jax import cli, pipeline
+from opera_jax.config.runs import GRPORun, PipelineRun, SFTRun, SynthRun, parse
+from opera_jax.config.setups import default
+from opera_jax.synth import synthesize
+from opera_jax.train import grpo, sft
+
+STAGES = {PipelineRun: pipeline.run, SynthRun: synthesize, SFTRun: sft.train,
+          GRPORun: grpo.train}
 
 
-def dispatch(config):
-    if config.stage == "pipeline":
-        from opera_jax.train.pipeline import run as run_pipeline
+def dispatch(run) -> object:
+    """Runs a parsed config's stage; returns what the stage returns."""
+    return STAGES[type(run)](run)
 
-        return run_pipeline(config)
-    if config.stage == "sft":
-        from opera_jax.train.sft import train
 
-        return train(config)
-    if config.stage == "grpo":
-        from opera_jax.train.grpo import train
-
-        return train(config)
-    raise ValueError(f"config.stage is {config.stage!r}; known stages: pipeline, sft, grpo")
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cli.run_main(lambda: dispatch(parse(flags.FLAGS.config)))
 
 
 if __name__ == "__main__":
-    run(dispatch, default_config=DEFAULT_CONFIG)
+    cli.define_config(default, sys.argv)
+    app.run(main, flags_parser=cli.parse_flags)

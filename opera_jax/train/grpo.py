@@ -1,6 +1,7 @@
-"""GRPO with the OPERA reward (OPERA_METHOD.md §3).
+"""GRPO with the OPERA reward (docs/METHOD.md §3).
 
-    python -m opera_jax.train.grpo --config=configs/grpo_tiny.py
+    python -m opera_jax.train --config=configs/grpo_tiny.py
+    grpo.train(parse(config))            # the same from Python (a GRPORun)
 
 One RL step, in the loop's three labelled sections:
   rollout  `rollout.n` responses to each of `rollout.num_prompts` prompts, sampled from the
@@ -33,7 +34,12 @@ Reference model (KL term; the scorer with `reward.scorer: reference`): loaded fr
 source — `reference.checkpoint` (Orbax params), `reference.hf_dir`, or else the policy's initial
 source — in the compute dtype, never stored in the run's checkpoints.
 Checkpoints hold params, optimizer state, step, RNG, the prompt iterator's position and the
-config; rerunning the same command resumes; SIGTERM saves after the current step and stops.
+config; rerunning the same command resumes; SIGTERM saves after the current step and raises
+`checkpoint.Preempted` (the command line exits with `PREEMPTED_EXIT`).
+What the reward cannot see is logged next to it every step (rollout/diagnostics.py): the
+truncation rate, repeated 4-grams and paragraphs, whether the think block closed, and on
+prompts with a ground truth (the toy domain) the accuracy of the training and validation
+answers; the end of the run prints the validation reward next to that accuracy.
 The RL loop is synchronous by nature (rollout needs the new weights), so every step ends with
 one explicit device_get of its metrics.
 Several processes (jax.distributed): every process reads the same global prompt batch and runs
@@ -45,7 +51,7 @@ to every process (`sharding.to_host`). Only process 0 writes metrics; checkpoint
 from __future__ import annotations
 
 import collections
-import enum
+import dataclasses
 import functools
 import logging
 import os
@@ -53,35 +59,32 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from flax import nnx
 
 from opera_jax import sharding as sh
-from opera_jax.data import toy_domain
-from opera_jax.data.jsonl import write_jsonl
-from opera_jax.data.records import open_rows
+from opera_jax.checkpoint import Checkpointer, Preempted, catch_sigterm
+from opera_jax.config import build
+from opera_jax.config.runs import GRPORun, to_json
+from opera_jax.config.sections import Loss, OldLogprobs, Optim
+from opera_jax.data.pipeline import PROMPT_FIELDS, TokenizePrompt, prompt_batches
+from opera_jax.data.sources import open_rows
 from opera_jax.reward import RewardConfig, Scorer, score_token_ids
-from opera_jax.sampling import Sampler, default_eos_ids
+from opera_jax.rollout import stats as rollout_stats
+from opera_jax.rollout.batch import sample_rollout
+from opera_jax.sampling import Sampler
 from opera_jax.tokenizer import special_token_ids
-from opera_jax.train import plots, rollout as rollout_lib
+from opera_jax.train import plots
 from opera_jax.train import state as state_lib
-from opera_jax.train.checkpoint import Checkpointer, catch_sigterm, end_step
-from opera_jax.train.grpo_loss import GRPOLossConfig, group_advantages, grpo_loss
+from opera_jax.train.grpo_loss import group_advantages, grpo_loss
 from opera_jax.train.metrics import MetricsWriter
-from opera_jax.train.periodic import Every
+from opera_jax.train.periodic import Every, end_step
 
 log = logging.getLogger(__name__)
 
 # Traces of the jitted step functions (a test checks that new rollouts do not retrace).
 TRACE_COUNT: collections.Counter = collections.Counter()
-
-
-class OldLogprobs(str, enum.Enum):
-    AUTO = "auto"            # sampler's in float32 compute, else recompute
-    SAMPLER = "sampler"      # the sampler's log-probs (no extra forward pass)
-    RECOMPUTE = "recompute"  # one forward pass of the training weights before the update
 
 
 def _split(x, parts: int):
@@ -91,7 +94,7 @@ def _split(x, parts: int):
 
 
 def make_update_step(graphdef, tx, schedule, *, num_minibatches: int, grad_accum: int,
-                     chunk_size: int, loss_config: GRPOLossConfig):
+                     chunk_size: int, loss_config: Loss):
     """The pure GRPO update: `update(state, batch) -> (state, metrics)`.
 
     Args:
@@ -99,7 +102,7 @@ def make_update_step(graphdef, tx, schedule, *, num_minibatches: int, grad_accum
       tx / schedule: from `state.make_optimizer` (counting optimizer updates).
       num_minibatches: M optimizer updates per call; grad_accum: A micro-batches each.
       chunk_size: log-prob chunk.
-      loss_config: `GRPOLossConfig`.
+      loss_config: the `loss` section.
     Returns:
       The step. batch: tokens (int32 [R, T], right-padded), mask, old_logprobs, optionally
       ref_logprobs (float32 [R, T], aligned to the predicting position), advantages ([R]).
@@ -124,7 +127,7 @@ def make_update_step(graphdef, tx, schedule, *, num_minibatches: int, grad_accum
     def minibatch(state: state_lib.TrainState, mb):  # leaves [A, b, ...]
         # Weight of each micro-batch in the mini-batch's aggregate: its share of the tokens
         # (token-mean) or of the non-empty sequences (seq-mean); float32 sums.
-        if loss_config.aggregation == "token_mean":
+        if loss_config.aggregation == "token_mean":  # an Aggregation (a str enum)
             units = jnp.sum(mb["mask"], axis=(1, 2))
         else:
             units = jnp.sum(jnp.any(mb["mask"] > 0, axis=-1), axis=1).astype(jnp.float32)
@@ -178,14 +181,13 @@ def make_logprob_fn(graphdef, *, micro_batches: int, chunk_size: int):
 
 
 @functools.lru_cache(maxsize=4)
-def cached_update(graphdef, optim_items: tuple, total_updates: int, num_minibatches: int,
-                  grad_accum: int, chunk_size: int, loss_config: GRPOLossConfig, mesh):
+def cached_update(graphdef, optim: Optim, total_updates: int, num_minibatches: int,
+                  grad_accum: int, chunk_size: int, loss_config: Loss, mesh):
     """(tx, update step) for these settings, cached so repeated runs in one process (tests,
     benchmarks) hand jax the same function and reuse its compilation. The mesh is part of the
     key because the model's activation constraints are traced under `activation_mesh(mesh)`."""
     del mesh  # only a cache key
-    tx, schedule = state_lib.make_optimizer(ml_collections.ConfigDict(dict(optim_items)),
-                                            total_updates)
+    tx, schedule = state_lib.make_optimizer(optim, total_updates)
     return tx, make_update_step(graphdef, tx, schedule, num_minibatches=num_minibatches,
                                 grad_accum=grad_accum, chunk_size=chunk_size,
                                 loss_config=loss_config)
@@ -198,63 +200,44 @@ def cached_logprobs(graphdef, micro_batches: int, chunk_size: int, mesh):
     return jax.jit(make_logprob_fn(graphdef, micro_batches=micro_batches, chunk_size=chunk_size))
 
 
-def check_config(config: ml_collections.ConfigDict, mesh) -> None:
+def check_config(run: GRPORun, mesh) -> None:
     """Fails early, with the numbers, on settings the loop or the mesh cannot run."""
-    if config.stage != "grpo":
-        raise ValueError(f"config.stage is {config.stage!r}; this trainer runs 'grpo'")
-    rows = config.rollout.num_prompts * config.rollout.n
-    parts = config.grpo.num_minibatches * config.grpo.grad_accum
+    rows = run.rollout.num_prompts * run.rollout.n
+    parts = run.grpo.num_minibatches * run.grpo.grad_accum
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if rows % parts or (rows // parts) % shards:
         raise ValueError(f"{rows} responses per step (rollout.num_prompts x rollout.n) must "
                          f"split into grpo.num_minibatches x grpo.grad_accum = {parts} micro-"
                          f"batches whose size is a multiple of the data x fsdp mesh size {shards}")
-    OldLogprobs(config.rollout.old_logprobs)
 
 
-def reward_config(config: ml_collections.ConfigDict, group_size: int) -> RewardConfig:
-    """`RewardConfig` from the `reward` section (max_segments 0 = no cap)."""
-    kwargs = config.reward.to_dict()
-    kwargs["max_segments"] = kwargs["max_segments"] or None
-    return RewardConfig(**kwargs, group_size=group_size)
+def reward_config(run: GRPORun, group_size: int) -> RewardConfig:
+    """The `reward` section with the group size of the rows it scores."""
+    return dataclasses.replace(run.reward, group_size=group_size)
 
 
-def source_params(model: ml_collections.ConfigDict, mesh, abstract: dict, *, checkpoint: str,
-                  step: int = -1) -> dict:
-    """Parameters from an Orbax checkpoint directory (a run's workdir or its checkpoints/;
-    params only; `step` -1 = newest), else from `model.hf_dir`, else the random preset."""
-    if not checkpoint:
-        return state_lib.load_params(model, mesh)
-    nested = os.path.join(checkpoint, "checkpoints")
-    src = Checkpointer(nested if os.path.isdir(nested) else checkpoint, keep=None,
-                       async_save=False)
-    try:
-        step = src.latest_step() if step < 0 else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {checkpoint!r}")
-        log.info("parameters from %s step %d", checkpoint, step)
-        return src.restore_params(step, abstract)
-    finally:
-        src.close()
+def reference_model(run: GRPORun):
+    """The `model` section of the frozen reference: `reference.hf_dir`, else
+    `reference.checkpoint` (the architecture from `model`), else the policy's own start."""
+    ref = run.reference
+    if ref.hf_dir is not None:
+        return dataclasses.replace(run.model, hf_dir=ref.hf_dir, checkpoint=None)
+    if ref.checkpoint is not None:
+        return dataclasses.replace(run.model, checkpoint=ref.checkpoint, checkpoint_step=None)
+    return run.model
 
 
-def load_reference(config: ml_collections.ConfigDict, mesh):
+def load_reference(run: GRPORun, mesh):
     """(graphdef, params) of the frozen reference, kept in the compute dtype.
 
     Loaded like the policy (in `param_dtype`, so a random preset draws the same weights), then
     cast once: the model casts every weight to the compute dtype at use anyway, so the values
     are unchanged and a bf16 run holds half the memory.
     """
-    model = ml_collections.ConfigDict(config.model.to_dict())
-    ref = config.reference
-    if ref.checkpoint or ref.hf_dir:
-        model.hf_dir, checkpoint, step = ref.hf_dir or model.hf_dir, ref.checkpoint, -1
-    else:
-        checkpoint, step = config.init.checkpoint, config.init.step
-    _, abstract = state_lib.abstract_params(model, mesh)
-    params = source_params(model, mesh, abstract, checkpoint=checkpoint, step=step)
-    model.param_dtype = model.dtype
-    graphdef, target = state_lib.abstract_params(model, mesh)
+    model = reference_model(run)
+    params = build.load_params(model, mesh)
+    graphdef, target = build.abstract_params(dataclasses.replace(model,
+                                                                 param_dtype=model.dtype), mesh)
     cast = jax.jit(lambda p: jax.tree.map(lambda x, t: x.astype(t.dtype), p, target),
                    out_shardings=jax.tree.map(lambda t: t.sharding, target), donate_argnums=0)
     return graphdef, cast(params)
@@ -266,137 +249,147 @@ def step_seed(rng_data: np.ndarray, step: int) -> int:
                & 0x7FFFFFFF)
 
 
+def training_rewards(rewards: np.ndarray, *, randomize: bool, seed: int) -> np.ndarray:
+    """The rewards the advantages are computed from: the scored ones, or with `randomize` (the
+    `grpo.random_rewards` control) the same values permuted at random across the step's
+    batch, so they keep their mean and variance and lose any relation to their response."""
+    if not randomize:
+        return rewards
+    return np.random.default_rng(seed).permutation(rewards)
+
+
 def _upload(x: np.ndarray, mesh, names):
     sharding = sh.named_sharding(mesh, names, x.shape)
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
 
-def validate(sampler, policy, reference, tokenizer, rows: list[dict], config, *, seq_len: int,
-             stats: dict) -> dict[str, float]:
+def validate(sampler, policy, reference, tokenizer, rows: list[dict], run: GRPORun, *,
+             seq_len: int, stats: dict) -> dict[str, float]:
     """Reward of `validation.n` rollouts per held-out prompt (greedy when
     `validation.temperature` is 0), scored exactly like training; a fixed seed keeps the
-    steps comparable. `stats`: keyword arguments of `rollout.response_stats`."""
-    v = config.validation
-    ro = rollout_lib.sample_rollout(
-        sampler, rows, n=v.n, seq_len=seq_len, max_new_tokens=config.rollout.max_new_tokens,
-        temperature=v.temperature, top_p=config.rollout.top_p, top_k=config.rollout.top_k,
-        seed=config.seed, prompts_per_call=config.rollout.prompts_per_call or
-        config.rollout.num_prompts)
+    steps comparable. `stats`: keyword arguments of `rollout.stats.response_stats`."""
+    v, r = run.validation, run.rollout
+    ro = sample_rollout(sampler, rows, n=v.n, seq_len=seq_len, max_new_tokens=r.max_new_tokens,
+                        temperature=v.temperature, top_p=r.top_p, top_k=r.top_k, seed=run.seed,
+                        prompts_per_call=r.prompts_per_call or r.num_prompts)
     result = score_token_ids(policy, tokenizer, ro.prompt_ids, ro.response_ids, ro.reference_ids,
-                             ro.group_ids, ro.task_types, config=reward_config(config, v.n),
+                             ro.group_ids, ro.task_types, config=reward_config(run, v.n),
                              reference_model=reference)
-    return {**rollout_lib.reward_metrics(result, ro, "val_reward/"),
-            **rollout_lib.response_stats(ro, tokenizer, prefix="val_response/", **stats)}
+    return {**rollout_stats.reward_metrics(result, ro, "val_reward/"),
+            **rollout_stats.response_stats(ro, tokenizer, prefix="val_response/", **stats)}
 
 
-def train(config: ml_collections.ConfigDict, *, stop_after: int | None = None):
-    """Runs (or resumes) GRPO as configured; returns the final TrainState.
+def _prompt_rows(spec: str, run: GRPORun, tokenizer) -> list[dict]:
+    """Tokenised prompt rows of a (small) source, dropping over-long ones; none is an error."""
+    rows = open_rows(spec, required=PROMPT_FIELDS, on_bad_row=run.data.on_bad_row,
+                     seed=run.data.seed)
+    tokenize = TokenizePrompt(tokenizer, max_prompt_len=run.rollout.max_prompt_len,
+                              enable_thinking=run.data.enable_thinking)
+    out = [x for x in map(tokenize, list(rows)[:run.validation.num_prompts]) if x is not None]
+    if not out:
+        raise ValueError(f"no validation prompt of {spec} fits rollout.max_prompt_len="
+                         f"{run.rollout.max_prompt_len} tokens")
+    return out
+
+
+def train(run: GRPORun, *, stop_after: int | None = None):
+    """Runs (or resumes) GRPO; returns the final TrainState.
 
     Args:
-      config: see configs/grpo_tiny.py for every key.
-      stop_after: stop (with a checkpoint) after this RL step, as a preemption would; the
-        schedule still spans `grpo.steps`. For tests and time-sliced jobs.
+      run: the typed config (configs/grpo_tiny.py documents a setup).
+      stop_after: stop (with a checkpoint) after this RL step, as a preemption would but
+        without raising; the schedule still spans `grpo.steps`. For tests and time slices.
+    Raises:
+      Preempted: SIGTERM or a preemption notice arrived; the state was saved first.
     """
+    if not isinstance(run, GRPORun):
+        raise TypeError(f"grpo.train needs a GRPORun; got a {type(run).__name__} (run a config "
+                        f"through `python -m opera_jax.train`, which picks its stage)")
     # ---- setup ----
-    workdir = os.path.abspath(config.workdir)
-    total = config.grpo.steps
+    workdir = os.path.abspath(run.workdir)
+    total = run.grpo.steps
     last = total if stop_after is None else min(stop_after, total)
-    n, minibatches = config.rollout.n, config.grpo.num_minibatches
-    seq_len = config.data.max_prompt_len + config.rollout.max_new_tokens
-    loss_config = GRPOLossConfig(**config.loss)
-    scoring = reward_config(config, n)
-    old_mode = OldLogprobs(config.rollout.old_logprobs)
+    n, minibatches = run.rollout.n, run.grpo.num_minibatches
+    seq_len = run.rollout.max_prompt_len + run.rollout.max_new_tokens
+    scoring = reward_config(run, n)
+    old_mode = run.grpo.old_logprobs
     if old_mode is OldLogprobs.AUTO:  # see the module docstring
-        old_mode = (OldLogprobs.SAMPLER if jnp.dtype(config.model.dtype) == jnp.float32
+        old_mode = (OldLogprobs.SAMPLER if jnp.dtype(run.model.dtype.value) == jnp.float32
                     else OldLogprobs.RECOMPUTE)
 
     # ---- mesh ----
-    count = config.mesh.num_devices
-    devices = jax.devices() if count < 0 else jax.devices()[:count]
-    mesh = sh.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
-    check_config(config, mesh)
+    mesh = build.make_mesh(run.mesh)
+    check_config(run, mesh)
 
     # ---- data ----
-    if config.data.write_toy_rows and not os.path.exists(config.data.path):
-        write_jsonl(config.data.path,
-                    toy_domain.prompt_rows(config.data.write_toy_rows, seed=config.data.seed))
-    records = open_rows(config.data.path, required=rollout_lib.PROMPT_FIELDS,
-                        on_error=config.data.on_bad_row)
-    tokenizer = state_lib.model_tokenizer(config.model)
+    records = open_rows(run.data.path, required=PROMPT_FIELDS, on_bad_row=run.data.on_bad_row,
+                        seed=run.data.seed)
+    tokenizer = build.load_model_tokenizer(run.model)
     special = special_token_ids(tokenizer)
-    data_iter = iter(rollout_lib.prompt_batches(
-        records, tokenizer, batch_size=config.rollout.num_prompts, seed=config.data.seed,
-        max_prompt_len=config.data.max_prompt_len, enable_thinking=config.data.enable_thinking,
-        num_threads=config.data.num_threads, per_host=False))
-    val_rows = []
-    if config.validation.every > 0:  # held-out prompts: a file, or the toy domain's held-out set
-        held_out = (open_rows(config.validation.path, required=rollout_lib.PROMPT_FIELDS,
-                              on_error=config.data.on_bad_row) if config.validation.path
-                    else toy_domain.prompt_rows(config.validation.num_prompts,
-                                                seed=config.data.seed + 1, held_out=True))
-        tokenize = rollout_lib.TokenizePrompt(tokenizer, max_prompt_len=config.data.max_prompt_len,
-                                              enable_thinking=config.data.enable_thinking)
-        val_rows = [x for x in map(tokenize, list(held_out)[:config.validation.num_prompts])
-                    if x is not None]
-    log.info("%d prompt rows from %s, %d validation prompts", len(records), config.data.path,
+    data_iter = iter(prompt_batches(
+        records, tokenizer, batch_size=run.rollout.num_prompts, seed=run.data.seed,
+        max_prompt_len=run.rollout.max_prompt_len, enable_thinking=run.data.enable_thinking,
+        num_threads=run.data.num_threads, per_host=False, source=run.data.path))
+    val_rows = [] if run.validation.every is None else _prompt_rows(run.validation.path, run,
+                                                                    tokenizer)
+    log.info("%d prompt rows from %s, %d validation prompts", len(records), run.data.path,
              len(val_rows))
 
     # ---- model / optimizer / reference ----
-    graphdef, params_abstract = state_lib.abstract_params(config.model, mesh)
-    optim = config.optim.to_dict()  # warm-up in RL steps -> optimizer updates
-    optim["warmup_steps"] = round(optim.pop("warmup_frac") * total) * minibatches
-    tx, update = cached_update(graphdef, tuple(sorted(optim.items())), total * minibatches,
-                               minibatches, config.grpo.grad_accum, config.grpo.chunk_size,
-                               loss_config, mesh)
-    micro = minibatches * config.grpo.grad_accum
-    policy_logprobs = cached_logprobs(graphdef, micro, config.grpo.chunk_size, mesh)
+    graphdef, params_abstract = build.abstract_params(run.model, mesh)
+    tx, update = cached_update(graphdef, run.grpo.optim, total * minibatches, minibatches,
+                               run.grpo.grad_accum, run.grpo.chunk_size, run.loss, mesh)
+    micro = minibatches * run.grpo.grad_accum
+    policy_logprobs = cached_logprobs(graphdef, micro, run.grpo.chunk_size, mesh)
     abstract = state_lib.abstract_state(params_abstract, tx, mesh)
     state_sharding = state_lib.shardings_of(abstract)
     reference = ref_params = ref_logprobs = None
-    if loss_config.kl_coef > 0 or scoring.scorer is Scorer.REFERENCE:
-        ref_graphdef, ref_params = load_reference(config, mesh)
+    if run.loss.kl_coef > 0 or scoring.scorer is Scorer.REFERENCE:
+        ref_graphdef, ref_params = load_reference(run, mesh)
         reference = nnx.merge(ref_graphdef, ref_params)
-        ref_logprobs = cached_logprobs(ref_graphdef, micro, config.grpo.chunk_size, mesh)
+        ref_logprobs = cached_logprobs(ref_graphdef, micro, run.grpo.chunk_size, mesh)
 
     # ---- restore ----
     # Order: (1) the abstract state above fixes shapes, dtypes and shardings without
-    # allocating; (2) a checkpoint's arrays load straight into those shards; (3) the prompt
-    # iterator is repositioned to the saved batch; (4) the saved config is only compared.
-    # Without a checkpoint: params from init.checkpoint / model.hf_dir / the random preset,
-    # fresh optimizer. The reference was loaded above from its own source either way.
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
-                        async_save=config.checkpoint.async_save)
-    def fresh():
-        params = source_params(config.model, mesh, params_abstract,
-                               checkpoint=config.init.checkpoint, step=config.init.step)
-        return state_lib.init_state(params, tx, abstract, seed=config.seed)
+    # allocating; (2) the newest readable checkpoint's arrays load straight into those shards
+    # (an unreadable one is set aside, the next older tried); (3) the prompt iterator is
+    # repositioned to the saved batch; (4) the saved config is only compared. Without a
+    # checkpoint: params from the model section, fresh optimizer. The reference was loaded
+    # above from its own source either way.
+    saved_config = to_json(run)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=run.checkpoint.keep,
+                        async_save=run.checkpoint.async_save)
 
-    state, start = ckpt.restore_or_init(abstract, fresh, data_iter=data_iter, config=config)
+    def fresh():
+        params = build.load_params(run.model, mesh)
+        return state_lib.init_state(params, tx, abstract, seed=run.seed)
+
+    state, start = ckpt.restore_or_init(abstract, fresh, data_iter=data_iter,
+                                        config=saved_config)
     rng_data = np.asarray(sh.to_host(state.rng))
 
     # ---- loop ----
     update_fn = jax.jit(update, in_shardings=(state_sharding, None),
                         out_shardings=(state_sharding, None), donate_argnums=0)
     # Rollout reads the training arrays: set_params re-wraps them each step, no copy.
-    sampler = Sampler(nnx.merge(graphdef, state.params), eos_ids=default_eos_ids(tokenizer),
-                      pad_id=special["pad"], mesh=mesh)
-    stats = dict(think_close_id=special["think_close"],
-                 keywords=rollout_lib.keyword_pattern(scoring.keywords))
-    arch = state_lib.model_spec(config.model)[0]
-    peak = config.grpo.peak_flops * len(devices)
-    passes = int(old_mode is OldLogprobs.RECOMPUTE) + int(loss_config.kl_coef > 0)
-    sample_kwargs = dict(max_new_tokens=config.rollout.max_new_tokens,
-                         temperature=config.rollout.temperature, top_p=config.rollout.top_p,
-                         top_k=config.rollout.top_k,
-                         prompts_per_call=config.rollout.prompts_per_call)
+    sampler = Sampler.for_tokenizer(nnx.merge(graphdef, state.params), tokenizer, mesh=mesh,
+                                    stop_strings=False)
+    stats = dict(think_close_id=special["think_close"], keywords=scoring.keywords)
+    arch = build.architecture(run.model)
+    peak = (run.grpo.peak_flops or 0.0) * mesh.size
+    passes = int(old_mode is OldLogprobs.RECOMPUTE) + int(run.loss.kl_coef > 0)
+    r = run.rollout
+    sample_kwargs = dict(max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+                         top_p=r.top_p, top_k=r.top_k, prompts_per_call=r.prompts_per_call)
     writer = MetricsWriter(workdir, total_steps=total, initial_step=start)
-    log_due = Every(config.grpo.log_every, last_step=last)
-    ckpt_due = Every(config.checkpoint.every, last_step=last)
-    val_due = Every(config.validation.every, last_step=last if val_rows else None)
+    log_due = Every(run.grpo.log_every, last_step=last)
+    ckpt_due = Every(run.checkpoint.every, last_step=last)
+    val_due = Every(run.validation.every, last_step=last if val_rows else None)
+    preempted = False
 
     def run_validation():
         sampler.set_params(nnx.state(policy := nnx.merge(graphdef, state.params)))
-        return validate(sampler, policy, reference, tokenizer, val_rows, config, seq_len=seq_len,
+        return validate(sampler, policy, reference, tokenizer, val_rows, run, seq_len=seq_len,
                         stats=stats)
 
     try:
@@ -409,15 +402,16 @@ def train(config: ml_collections.ConfigDict, *, stop_after: int | None = None):
                     # ---- rollout ----
                     t0 = time.perf_counter()
                     sampler.set_params(nnx.state(policy := nnx.merge(graphdef, state.params)))
-                    ro = rollout_lib.sample_rollout(sampler, rows, n=n, seq_len=seq_len,
-                                                    seed=step_seed(rng_data, step),
-                                                    **sample_kwargs)
+                    ro = sample_rollout(sampler, rows, n=n, seq_len=seq_len,
+                                        seed=step_seed(rng_data, step), **sample_kwargs)
                     # ---- reward ----
                     t1 = time.perf_counter()
                     result = score_token_ids(policy, tokenizer, ro.prompt_ids, ro.response_ids,
                                              ro.reference_ids, ro.group_ids, ro.task_types,
                                              config=scoring, reference_model=reference)
-                    advantages = group_advantages(result.reward, ro.group_ids)
+                    advantages = group_advantages(
+                        training_rewards(result.reward, randomize=run.grpo.random_rewards,
+                                         seed=step_seed(rng_data, step) + 1), ro.group_ids)
                     # ---- update ----
                     t2 = time.perf_counter()
                     host = {"tokens": ro.tokens, "mask": ro.mask}
@@ -427,34 +421,34 @@ def train(config: ml_collections.ConfigDict, *, stop_after: int | None = None):
                     batch["advantages"] = _upload(advantages, mesh, ("batch",))
                     if old_mode is OldLogprobs.RECOMPUTE:
                         batch["old_logprobs"] = policy_logprobs(state.params, batch["tokens"])
-                    if loss_config.kl_coef > 0:
+                    if run.loss.kl_coef > 0:
                         batch["ref_logprobs"] = ref_logprobs(ref_params, batch["tokens"])
                     jax.block_until_ready(batch)  # only to time the log-prob passes
                     t3 = time.perf_counter()
                     state, metrics = update_fn(state, batch)
                     metrics = sh.to_host(metrics)  # the step's one sync; NaN checked below
                     t4 = time.perf_counter()
-                metrics.update(rollout_lib.reward_metrics(result, ro, "reward/"),
-                               **rollout_lib.response_stats(ro, tokenizer, **stats))
-                metrics.update(rollout_lib.step_timing(
+                metrics.update(rollout_stats.reward_metrics(result, ro, "reward/"),
+                               **rollout_stats.response_stats(ro, tokenizer, **stats))
+                metrics.update(rollout_stats.step_timing(
                     ro, rollout_s=t1 - t0, reward_s=t2 - t1, logprob_s=t3 - t2,
                     update_s=t4 - t2, arch=arch, peak=peak, passes=passes))
                 metrics["reward/adv_nonzero_frac"] = float(np.mean(advantages != 0))
                 if val_due(step):
                     metrics.update(run_validation())
                 if end_step(step, state, ckpt=ckpt, writer=writer, metrics=lambda: metrics,
-                            log_due=log_due, ckpt_due=ckpt_due, config=config,
+                            log_due=log_due, ckpt_due=ckpt_due, config=saved_config,
                             data_iter=data_iter):
+                    preempted = True
                     break
     finally:
-        ckpt.close()  # waits for the last asynchronous save
+        ckpt.close()  # waits for the last asynchronous save (and reports a failed one)
         writer.close()
+    if preempted:
+        raise Preempted(f"GRPO stopped at step {step} of {total} on SIGTERM / preemption; "
+                        f"state saved in {workdir}/checkpoints — rerun to resume")
     if jax.process_index() == 0:
         plots.plot_rewards(workdir)
+        for line in plots.run_summary(workdir):
+            log.warning("%s", line)
     return state
-
-
-if __name__ == "__main__":
-    from opera_jax.train.cli import run
-
-    run(train)

@@ -1,4 +1,4 @@
-"""GRPO advantages and the PPO-style policy loss with the OPERA settings (OPERA_METHOD.md §3).
+"""GRPO advantages and the PPO-style policy loss with the OPERA settings (docs/METHOD.md §3).
 
 What is kept, exactly:
   * advantage: per group of G responses to one prompt, A = (R − mean) / (std + eps) with the
@@ -19,28 +19,11 @@ Everything here is float32: ratios and exp of log-prob differences are not safe 
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-@dataclasses.dataclass(frozen=True)
-class GRPOLossConfig:
-    clip_low: float = 0.2
-    clip_high: float = 0.2
-    dual_clip: float = 3.0  # c > 1; None-like values (<= 1) are rejected
-    log_ratio_clamp: float = 20.0
-    kl_coef: float = 0.001
-    kl_clamp: float = 10.0
-    aggregation: str = "token_mean"  # or "seq_mean"
-
-    def __post_init__(self):
-        if self.dual_clip <= 1.0:
-            raise ValueError(f"dual_clip must be > 1, got {self.dual_clip}")
-        if self.aggregation not in ("token_mean", "seq_mean"):
-            raise ValueError(f"aggregation must be 'token_mean' or 'seq_mean', got {self.aggregation!r}")
+from opera_jax.config.sections import Aggregation, Loss
 
 
 def group_advantages(rewards, group_ids, *, eps: float = 1e-6) -> np.ndarray:
@@ -78,14 +61,14 @@ def low_var_kl(logp, ref_logp, *, clamp: float = 10.0):
 
 
 def _aggregate(x, mask, aggregation):
-    if aggregation == "token_mean":
+    if aggregation is Aggregation.TOKEN_MEAN:
         return jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
     per_seq = jnp.sum(x * mask, -1) / jnp.maximum(jnp.sum(mask, -1), 1.0)
     has = (jnp.sum(mask, -1) > 0).astype(jnp.float32)
     return jnp.sum(per_seq * has) / jnp.maximum(jnp.sum(has), 1.0)
 
 
-def grpo_loss(logp, old_logp, ref_logp, advantages, mask, config: GRPOLossConfig = GRPOLossConfig()):
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, config: Loss = Loss()):
     """The GRPO/OPERA loss over a mini-batch of responses.
 
     Args:

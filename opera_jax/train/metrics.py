@@ -3,11 +3,17 @@ console (a tqdm progress bar plus one line per log step), `metrics.jsonl` and Te
 
 Every process checks the values: a NaN or Inf stops training with a `FloatingPointError` that
 names the step and the metric, before anything is checkpointed.
+
+`metrics.jsonl` follows the checkpoints: each row is written with one `write` of the whole line
+and flushed, and a resumed run first drops the rows of the steps it will repeat (those after
+the restored step, written before a kill) and a last line cut short, so every step appears
+once. `read_metrics` skips (and names) a damaged line instead of failing.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -15,6 +21,9 @@ from typing import Mapping
 
 import jax
 import tqdm
+
+log = logging.getLogger(__name__)
+FILENAME = "metrics.jsonl"
 
 
 def check_finite(step: int, metrics: Mapping[str, float]) -> None:
@@ -60,7 +69,10 @@ class MetricsWriter:
         if not self.enabled:
             return
         os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+        path = os.path.join(workdir, FILENAME)
+        truncate_metrics(path, initial_step)
+        # One os.write per row on an O_APPEND descriptor: a kill leaves whole lines.
+        self._jsonl = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         import tensorboardX  # only process 0 needs it
 
         self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tb"))
@@ -83,8 +95,7 @@ class MetricsWriter:
         check_finite(step, metrics)
         if not self.enabled:
             return
-        self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-        self._jsonl.flush()
+        os.write(self._jsonl, (json.dumps({"step": step, **metrics}) + "\n").encode())
         for k, v in metrics.items():
             self._tb.add_scalar(k, v, step)
         self._tb.flush()
@@ -95,13 +106,52 @@ class MetricsWriter:
             self._bar.write(f"step {step}: " + ", ".join(f"{k}={v}" for k, v in short.items()))
 
     def close(self) -> None:
-        for f in (self._bar, self._jsonl, self._tb):
+        for f in (self._bar, self._tb):
             if f is not None:
                 f.close()
+        if self._jsonl is not None:
+            os.close(self._jsonl)
         self._bar = self._jsonl = self._tb = None
 
 
+def _rows(path: str) -> list[dict]:
+    """The readable rows of a metrics file; a damaged line is skipped with a warning."""
+    rows = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict) or "step" not in row:
+                    raise ValueError("not a metrics row")
+            except ValueError:
+                log.warning("%s:%d: damaged metrics line skipped", path, lineno)
+                continue
+            rows.append(row)
+    return rows
+
+
+def truncate_metrics(path: str, step: int) -> None:
+    """Keeps only the rows of steps <= `step` (and no damaged line): a resumed run repeats the
+    steps after its checkpoint. Rewritten atomically (a new file renamed into place)."""
+    if not os.path.exists(path):
+        return
+    rows = _rows(path)
+    kept = [r for r in rows if r["step"] <= step]
+    with open(path, "rb") as f:
+        clean = f.read().endswith(b"\n") or not os.path.getsize(path)
+    if len(kept) == len(rows) and clean:
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+    os.replace(tmp, path)
+    if len(kept) < len(rows):
+        log.info("%s: dropped %d rows after step %d (they are repeated)", path,
+                 len(rows) - len(kept), step)
+
+
 def read_metrics(workdir: str) -> list[dict]:
-    """The rows of `workdir/metrics.jsonl` (for tests and benchmarks)."""
-    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The rows of `workdir/metrics.jsonl` (damaged lines skipped, with a warning)."""
+    return _rows(os.path.join(workdir, FILENAME))

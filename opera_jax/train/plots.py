@@ -1,16 +1,15 @@
-"""The reward curves of a GRPO run as a PNG, from its `metrics.jsonl`.
-
-    python -m opera_jax.train.plots /tmp/opera_grpo_tiny   # writes reward_curves.png there
+"""The reward curves of a GRPO run as a PNG, and its closing summary, from `metrics.jsonl`.
 
 Left: the training reward (mean ± std over the step's responses) with its rank and reflection
-sub-scores. Right: the validation reward on held-out prompts, when the run logged it.
-Matplotlib's object API with the Agg canvas: no pyplot, no global backend switch.
+sub-scores. Right: the validation reward on held-out prompts, when the run logged it, with the
+validation answers' ground-truth accuracy (where the prompts have one) and truncation rate:
+what the reward does not measure, next to it. Matplotlib's object API with the Agg canvas: no
+pyplot, no global backend switch.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -67,6 +66,12 @@ def plot_rewards(workdir: str, path: str | None = None) -> str | None:
     train_ax, val_ax = fig.subplots(1, 2)
     drawn = _panel(train_ax, rows, "reward/", "training reward")
     drawn |= _panel(val_ax, rows, "val_reward/", "held-out prompts")
+    for key, style, label in ((TRUTH, "C3s-", "answer accuracy (ground truth)"),
+                              ("val_response/truncated_frac", "C7^:", "truncated")):
+        x, y = _series(rows, key)
+        if x:
+            val_ax.plot(x, y, style, label=label, markersize=4)
+            val_ax.legend(loc="best", fontsize="small")
     if not drawn:
         return None
     path = path or os.path.join(workdir, FILENAME)
@@ -74,5 +79,31 @@ def plot_rewards(workdir: str, path: str | None = None) -> str | None:
     return path
 
 
-if __name__ == "__main__":
-    print(plot_rewards(sys.argv[1]))
+TRUTH = "val_response/truth/correct"
+# What run_summary compares between the first and the last validation: (key, label, higher
+# is better).
+_SUMMARY = (("val_reward/mean", "validation reward", True),
+            (TRUTH, "validation answer accuracy (ground truth)", True),
+            ("val_response/truth/well_formed", "well-formed answers", True),
+            ("val_response/truncated_frac", "truncated responses", False),
+            ("val_response/repeat_paragraph", "repeated paragraphs", False))
+
+
+def run_summary(workdir: str) -> list[str]:
+    """Lines comparing the first and the last validation of a run: the reward next to what it
+    does not measure, and a plain warning when the ground truth got worse while the reward
+    rose."""
+    if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+        return []
+    rows = [r for r in latest_per_step(read_metrics(workdir)) if "val_reward/mean" in r]
+    if len(rows) < 2:
+        return []
+    first, last = rows[0], rows[-1]
+    lines = [f"validation, step {first['step']} -> {last['step']}:"]
+    for key, label, _ in _SUMMARY:
+        if key in first and key in last:
+            lines.append(f"  {label}: {first[key]:.3f} -> {last[key]:.3f}")
+    if TRUTH in first and TRUTH in last and last[TRUTH] < first[TRUTH]:
+        lines.append("  the ground truth got WORSE during RL: do not trust the reward curve "
+                     "alone (see docs/METHOD.md, 'What the reward cannot see')")
+    return lines

@@ -1,6 +1,6 @@
-"""Supervised fine-tuning of the student on cold-start trajectories (OPERA method §4).
+"""Supervised fine-tuning of the student on cold-start trajectories (docs/METHOD.md §4).
 
-    python -m opera_jax.train.sft --config=configs/sft_tiny.py --config.sft.steps=20
+    python -m opera_jax.train --config=configs/sft_tiny.py --config.sft.steps=20
 
 Each JSONL row (`prompt`, `thinking`, `output`) becomes the chat prompt followed by
 "<think>\\n{thinking}\\n</think>\\n\\n{output}<|im_end|>"; the loss is the token-mean NLL of the
@@ -11,7 +11,8 @@ The state's RNG is carried and checkpointed for the later stages; the SFT step d
 The step is one pure jitted function over an explicit TrainState, buffers donated; gradient
 accumulation is a scan over micro-batches whose summed NLL gradient is divided once by the
 global batch's response-token count, so accumulating does not change the loss being optimised.
-Rerunning the same command resumes from the newest checkpoint, including the data position.
+Rerunning the same command resumes from the newest readable checkpoint, including the data
+position; SIGTERM saves after the current step and raises `checkpoint.Preempted`.
 """
 
 from __future__ import annotations
@@ -22,21 +23,22 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from flax import nnx
 
 from opera_jax import sharding as sh
-from opera_jax.data import toy_domain
-from opera_jax.data.jsonl import SFT_FIELDS, write_jsonl
+from opera_jax.checkpoint import Checkpointer, Preempted, catch_sigterm
+from opera_jax.config import build
+from opera_jax.config.runs import SFTRun, to_json
+from opera_jax.config.sections import Optim
+from opera_jax.data.jsonl import SFT_FIELDS
 from opera_jax.data.pipeline import sft_batches
-from opera_jax.data.records import open_rows
+from opera_jax.data.sources import open_rows
 from opera_jax.tokenizer import special_token_ids
 from opera_jax.train import state as state_lib
-from opera_jax.train.checkpoint import Checkpointer, catch_sigterm, end_step
 from opera_jax.train.metrics import MetricsWriter, Throughput
-from opera_jax.train.periodic import Every
+from opera_jax.train.periodic import Every, end_step
 from opera_jax.train.sft_loss import nll_sum
 
 log = logging.getLogger(__name__)
@@ -87,8 +89,8 @@ def make_train_step(graphdef, tx, schedule, *, grad_accum: int, chunk_size: int)
 
 
 @functools.lru_cache(maxsize=4)
-def cached_step(graphdef, optim_items: tuple, total_steps: int, grad_accum: int,
-                chunk_size: int, mesh):
+def cached_step(graphdef, optim: Optim, total_steps: int, grad_accum: int, chunk_size: int,
+                mesh):
     """(tx, schedule, train_step) for these settings.
 
     Cached so that repeated runs in one process (tests, notebooks, benchmarks) hand jax the same
@@ -96,17 +98,14 @@ def cached_step(graphdef, optim_items: tuple, total_steps: int, grad_accum: int,
     activation constraints are traced under `activation_mesh(mesh)`.
     """
     del mesh  # only a cache key
-    tx, schedule = state_lib.make_optimizer(ml_collections.ConfigDict(dict(optim_items)),
-                                            total_steps)
+    tx, schedule = state_lib.make_optimizer(optim, total_steps)
     step = make_train_step(graphdef, tx, schedule, grad_accum=grad_accum, chunk_size=chunk_size)
     return tx, schedule, step
 
 
-def check_config(config: ml_collections.ConfigDict, mesh) -> None:
+def check_config(run: SFTRun, mesh) -> None:
     """Fails early, with the numbers, on batch shapes the mesh cannot split."""
-    if config.stage != "sft":
-        raise ValueError(f"config.stage is {config.stage!r}; this trainer runs 'sft'")
-    b, a = config.sft.batch_size, config.sft.grad_accum
+    b, a = run.sft.batch_size, run.sft.grad_accum
     rows = mesh.shape["data"] * mesh.shape["fsdp"]
     if b % a or (b // a) % rows:
         raise ValueError(f"sft.batch_size {b} / sft.grad_accum {a} must be a whole multiple of "
@@ -115,67 +114,72 @@ def check_config(config: ml_collections.ConfigDict, mesh) -> None:
         raise ValueError(f"sft.batch_size {b} is not divisible by {jax.process_count()} hosts")
 
 
-def train(config: ml_collections.ConfigDict, *, stop_after: int | None = None):
-    """Runs (or resumes) SFT as configured; returns the final TrainState.
+def train(run: SFTRun, *, stop_after: int | None = None):
+    """Runs (or resumes) SFT; returns the final TrainState.
 
     Args:
-      config: see configs/sft_tiny.py for every key.
-      stop_after: stop (with a checkpoint) after this step, as a preemption would; the
-        schedule still spans `sft.steps`. For tests and time-sliced jobs.
+      run: the typed config (configs/sft_tiny.py documents a setup).
+      stop_after: stop (with a checkpoint) after this step, as a preemption would but without
+        raising; the schedule still spans `sft.steps`. For tests and time-sliced jobs.
+    Raises:
+      Preempted: SIGTERM or a preemption notice arrived; the state was saved first.
     """
+    if not isinstance(run, SFTRun):
+        raise TypeError(f"sft.train needs an SFTRun; got a {type(run).__name__} (run a config "
+                        f"through `python -m opera_jax.train`, which picks its stage)")
     # ---- setup ----
-    workdir = os.path.abspath(config.workdir)
-    total = config.sft.steps
+    workdir = os.path.abspath(run.workdir)
+    total = run.sft.steps
     last = total if stop_after is None else min(stop_after, total)
 
     # ---- mesh ----
-    n = config.mesh.num_devices
-    devices = jax.devices() if n < 0 else jax.devices()[:n]
-    mesh = sh.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
-    check_config(config, mesh)
+    mesh = build.make_mesh(run.mesh)
+    check_config(run, mesh)
     batch_sharding = sh.named_sharding(mesh, ("batch", "seq"),
-                                       (config.sft.batch_size, config.data.seq_len))
+                                       (run.sft.batch_size, run.sft.seq_len))
 
     # ---- data ----
-    if config.data.write_toy_rows and not os.path.exists(config.data.path):
-        write_jsonl(config.data.path, toy_domain.examples(config.data.write_toy_rows, seed=0))
-    records = open_rows(config.data.path, required=SFT_FIELDS, on_error=config.data.on_bad_row)
-    tokenizer = state_lib.model_tokenizer(config.model)
+    records = open_rows(run.data.path, required=SFT_FIELDS, on_bad_row=run.data.on_bad_row,
+                        seed=run.data.seed)
+    tokenizer = build.load_model_tokenizer(run.model)
     ids = special_token_ids(tokenizer)
     data_iter = iter(sft_batches(
-        records, tokenizer, eos_id=ids["eos"], pad_id=ids["pad"], seq_len=config.data.seq_len,
-        global_batch_size=config.sft.batch_size, seed=config.data.seed,
-        packing=config.data.packing, overlong=config.data.overlong,
-        enable_thinking=config.data.enable_thinking, num_threads=config.data.num_threads))
-    log.info("%d SFT rows from %s", len(records), config.data.path)
+        records, tokenizer, eos_id=ids["eos"], pad_id=ids["pad"], seq_len=run.sft.seq_len,
+        global_batch_size=run.sft.batch_size, seed=run.data.seed, packing=run.sft.packing,
+        overlong=run.sft.overlong.value, enable_thinking=run.data.enable_thinking,
+        num_threads=run.data.num_threads, source=run.data.path))
+    log.info("%d SFT rows from %s", len(records), run.data.path)
 
     # ---- model / optimizer ----
-    graphdef, params_abstract = state_lib.abstract_params(config.model, mesh)
-    tx, _, train_step = cached_step(graphdef, tuple(sorted(config.optim.items())), total,
-                                    config.sft.grad_accum, config.sft.chunk_size, mesh)
+    graphdef, params_abstract = build.abstract_params(run.model, mesh)
+    tx, _, train_step = cached_step(graphdef, run.sft.optim, total, run.sft.grad_accum,
+                                    run.sft.chunk_size, mesh)
     abstract = state_lib.abstract_state(params_abstract, tx, mesh)
     state_sharding = state_lib.shardings_of(abstract)
 
     # ---- restore ----
     # Order: (1) the abstract state above fixes shapes, dtypes and shardings without
-    # allocating; (2) a checkpoint's arrays load straight into those shards; (3) the data
-    # iterator is repositioned to the saved batch; (4) the saved config is only compared
-    # (differences are logged). Without a checkpoint: load/initialise params, fresh optimizer.
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep,
-                        async_save=config.checkpoint.async_save)
+    # allocating; (2) the newest readable checkpoint's arrays load straight into those shards
+    # (an unreadable one is set aside and the next older tried); (3) the data iterator is
+    # repositioned to the saved batch; (4) the saved config is only compared (differences
+    # are logged). Without a checkpoint: load/initialise params, fresh optimizer.
+    saved_config = to_json(run)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=run.checkpoint.keep,
+                        async_save=run.checkpoint.async_save)
     state, start = ckpt.restore_or_init(
-        abstract, lambda: state_lib.init_state(state_lib.load_params(config.model, mesh), tx,
-                                               abstract, seed=config.seed),
-        data_iter=data_iter, config=config)
+        abstract, lambda: state_lib.init_state(build.load_params(run.model, mesh), tx,
+                                               abstract, seed=run.seed),
+        data_iter=data_iter, config=saved_config)
 
     # ---- loop ----
     step_fn = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
                       out_shardings=(state_sharding, None), donate_argnums=0)
     writer = MetricsWriter(workdir, total_steps=total, initial_step=start)
-    log_due = Every(config.sft.log_every, last_step=last)
-    ckpt_due = Every(config.checkpoint.every, last_step=last)
+    log_due = Every(run.sft.log_every, last_step=last)
+    ckpt_due = Every(run.checkpoint.every, last_step=last)
     meter = Throughput()
-    global_shape = (config.sft.batch_size, config.data.seq_len)
+    global_shape = (run.sft.batch_size, run.sft.seq_len)
+    preempted = False
     try:
         with sh.activation_mesh(mesh), catch_sigterm():
             for step in range(start + 1, last + 1):
@@ -189,16 +193,14 @@ def train(config: ml_collections.ConfigDict, *, stop_after: int | None = None):
                 # The only device->host sync is inside `metrics`, at log steps.
                 if end_step(step, state, ckpt=ckpt, writer=writer,
                             metrics=lambda: {**jax.device_get(metrics), **meter.rate()},
-                            log_due=log_due, ckpt_due=ckpt_due, config=config,
+                            log_due=log_due, ckpt_due=ckpt_due, config=saved_config,
                             data_iter=data_iter):
+                    preempted = True
                     break
     finally:
-        ckpt.close()  # waits for the last asynchronous save
+        ckpt.close()  # waits for the last asynchronous save (and reports a failed one)
         writer.close()
+    if preempted:
+        raise Preempted(f"SFT stopped at step {step} of {total} on SIGTERM / preemption; "
+                        f"state saved in {workdir}/checkpoints — rerun to resume")
     return state
-
-
-if __name__ == "__main__":
-    from opera_jax.train.cli import run
-
-    run(train)

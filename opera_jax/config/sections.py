@@ -1,0 +1,286 @@
+"""Every config section, defined and typed once: frozen dataclasses with documented defaults.
+
+A run's config is an ml_collections ConfigDict (files in configs/, `--config.<key>=` overrides
+on the command line); `config.parse` turns it into these types at one place, and every stage
+reads only the typed objects. None means "not set" (never "", 0 or -1); what None stands for is
+said next to each field. Sections shared by several stages (model, mesh, data, checkpoint)
+mean the same thing in each.
+
+The reward section is `opera_jax.reward.RewardConfig` itself (its fields, minus the group size
+the loop sets).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+from opera_jax.model.attention import AttentionImpl
+from opera_jax.reward.config import GUIDING_WORDS
+
+
+class Stage(str, enum.Enum):
+    """What `python -m opera_jax.train` runs for a config (its `stage` key)."""
+
+    PIPELINE = "pipeline"  # warm-up → synthesis → SFT → GRPO → evaluation
+    SYNTH = "synth"        # cold-start synthesis
+    SFT = "sft"
+    GRPO = "grpo"
+
+
+class Dtype(str, enum.Enum):
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+
+class OnBadRow(str, enum.Enum):
+    """What a malformed data row does."""
+
+    SKIP = "skip"    # warn (counted, summarised) and drop it
+    RAISE = "raise"  # stop, naming the file and row
+
+
+class Schedule(str, enum.Enum):
+    """Learning rate after the linear warm-up."""
+
+    CONSTANT = "constant"
+    COSINE = "cosine"      # down to lr · final_lr_frac at the last update
+
+
+class Overlong(str, enum.Enum):
+    """What an SFT example longer than `seq_len` does."""
+
+    DROP = "drop"          # skip it (warned once per source row)
+    TRUNCATE = "truncate"  # keep its first seq_len tokens (the response loses its end)
+
+
+class OldLogprobs(str, enum.Enum):
+    """Where GRPO's π_old log-probs come from (see train/grpo.py)."""
+
+    AUTO = "auto"            # the sampler's in float32 compute, else recompute
+    SAMPLER = "sampler"      # the sampler's (no extra forward pass)
+    RECOMPUTE = "recompute"  # one no-grad pass of the training weights before the update
+
+
+class Aggregation(str, enum.Enum):
+    """How per-token loss terms become one number."""
+
+    TOKEN_MEAN = "token_mean"  # over every response token of the mini-batch
+    SEQ_MEAN = "seq_mean"      # per-sequence mean, averaged over sequences
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """Where the weights come from, and the dtype policy.
+
+    Weights: `checkpoint` (an Orbax run's parameters) if set, else `hf_dir`'s safetensors, else
+    random weights of `preset` drawn with `init_seed`. The architecture and tokenizer come from
+    `hf_dir`, else from `preset` (with the embedded tiny tokenizer).
+    """
+
+    hf_dir: str | None = None          # a local HF directory (config.json, safetensors, tokenizer)
+    preset: str | None = "tiny"        # Qwen3Config.preset name, used when hf_dir is None
+    checkpoint: str | None = None      # an Orbax run dir (or its checkpoints/): initial params
+    checkpoint_step: int | None = None  # its step; None = the newest readable one
+    init_seed: int = 0                 # random weights of `preset`
+    dtype: Dtype = Dtype.FLOAT32       # compute (activations, matmul inputs)
+    param_dtype: Dtype = Dtype.FLOAT32  # master weights and optimizer moments
+    remat: bool = False                # rematerialise each layer in the backward pass
+    attention_impl: AttentionImpl | None = None  # None = the platform's default
+
+
+@dataclasses.dataclass(frozen=True)
+class Mesh:
+    """The (data, fsdp, tensor) device mesh."""
+
+    data: int = 1
+    fsdp: int | None = None            # None = every device the other axes leave
+    tensor: int = 1
+    num_devices: int | None = None     # use the first n devices; None = all
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+    """The stage's input rows and how they are read (opera_jax/data/sources.py)."""
+
+    # JSONL / ArrayRecord files (comma-separated, globs), or the embedded toy domain:
+    # "toy:<kind>:<count>" with kind sft | warmup | prompts | heldout.
+    path: str = "toy:prompts:256"
+    on_bad_row: OnBadRow = OnBadRow.SKIP
+    seed: int = 0                      # shuffle order (reshuffled every epoch) and toy rows
+    num_threads: int = 2               # tokenising threads ahead of the loop (0 = inline)
+    enable_thinking: bool = True       # the chat template's thinking switch
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """Orbax checkpoints of a trainer's state (always also at the last step and on SIGTERM)."""
+
+    every: int | None = 10             # steps between saves; None = only last step / SIGTERM
+    keep: int | None = 2               # newest checkpoints kept; None = all
+    async_save: bool = True            # write files in the background
+
+
+@dataclasses.dataclass(frozen=True)
+class Optim:
+    """AdamW after global-norm clipping, on a linear warm-up then `schedule`.
+
+    Warm-up: lr · s / w for update s < w = round(warmup_frac · updates), as the published run
+    (so the first update has lr 0); then constant, or cosine down to lr · final_lr_frac.
+    """
+
+    lr: float = 1e-3
+    schedule: Schedule = Schedule.CONSTANT
+    warmup_frac: float = 0.1           # of the run's optimizer updates
+    final_lr_frac: float = 0.1         # cosine only
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.01         # matrices only (norm scales are not decayed)
+    clip_norm: float | None = 1.0      # global-norm clipping; None = none
+
+
+@dataclasses.dataclass(frozen=True)
+class SFT:
+    """The SFT loop: response-only token-mean NLL over packed [batch_size, seq_len] rows."""
+
+    steps: int = 20
+    batch_size: int = 8                # global rows per step
+    seq_len: int = 256                 # T, tokens per row
+    packing: bool = True               # several examples per row (first fit)
+    overlong: Overlong = Overlong.DROP
+    grad_accum: int = 1                # micro-batches per step (batch_size / grad_accum rows)
+    chunk_size: int = 512              # log-prob chunk (positions)
+    log_every: int = 1
+    optim: Optim = Optim(lr=3e-3, schedule=Schedule.COSINE, b2=0.95)
+
+
+@dataclasses.dataclass(frozen=True)
+class Warmup(SFT):
+    """The main job's stand-in for a pretrained instruct model: SFT from random weights on the
+    toy domain's traces, cached by its settings' hash (pipeline.py)."""
+
+    examples: int = 3000               # toy traces (half with the synthesis wrapper)
+    cache: str = "~/.cache/opera_jax/warmup"
+
+
+@dataclasses.dataclass(frozen=True)
+class Rollout:
+    """What GRPO samples each RL step."""
+
+    num_prompts: int = 8               # prompts per RL step
+    n: int = 4                         # G, responses per prompt
+    max_prompt_len: int = 64           # tokens after the chat template; longer prompts skipped
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0                 # 1 = off
+    top_k: int | None = None           # None = off
+    prompts_per_call: int | None = None  # sampler call size in prompts; None = all at once
+
+
+@dataclasses.dataclass(frozen=True)
+class Loss:
+    """The GRPO loss (train/grpo_loss.py states exactly what is kept)."""
+
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: float = 3.0             # c > 1, for negative advantages
+    log_ratio_clamp: float = 20.0
+    kl_coef: float = 0.001             # k3 KL to the reference as a loss term; 0 = none
+    kl_clamp: float = 10.0
+    aggregation: Aggregation = Aggregation.TOKEN_MEAN
+
+    def __post_init__(self):
+        object.__setattr__(self, "aggregation", Aggregation(self.aggregation))
+        if self.dual_clip <= 1.0:
+            raise ValueError(f"loss.dual_clip must be > 1, got {self.dual_clip}")
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPO:
+    """The GRPO loop: `num_minibatches` optimizer updates per RL step (1 PPO epoch)."""
+
+    steps: int = 10
+    num_minibatches: int = 2
+    grad_accum: int = 1                # micro-batches per update
+    chunk_size: int = 512              # log-prob chunk (positions)
+    log_every: int = 1
+    peak_flops: float | None = None    # one device's peak FLOP/s, for MFU; None = no MFU
+    old_logprobs: OldLogprobs = OldLogprobs.AUTO
+    # A control run: the step's rewards permuted at random across the batch before the
+    # advantages (same mean and variance, no relation to the response). benchmarks/study.py.
+    random_rewards: bool = False
+    optim: Optim = Optim(lr=1e-3, warmup_frac=0.4)
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """The frozen model of the KL term (and the scorer with reward.scorer = reference)."""
+
+    hf_dir: str | None = None          # both None: the policy's initial weights
+    checkpoint: str | None = None      # an Orbax run's parameters (architecture from model)
+
+
+@dataclasses.dataclass(frozen=True)
+class Validation:
+    """Held-out rollouts during GRPO, scored like training."""
+
+    every: int | None = 5              # RL steps (also before the first, after the last); None = off
+    path: str = "toy:heldout:8"        # prompt rows (data.path syntax)
+    num_prompts: int = 8
+    n: int = 2                         # responses per prompt (rank needs >= 2)
+    temperature: float = 1.0           # 0 = greedy (then use n = 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Synth:
+    """Cold-start synthesis (OPERA method §4; docs/METHOD.md §4)."""
+
+    guiding_words: tuple[str, ...] = GUIDING_WORDS
+    num_candidates: int = 4            # B per reflective state
+    max_states: int = 20               # reflective states, then the teacher finishes
+    temperature: float = 0.6
+    top_p: float = 0.95
+    top_k: int | None = 20             # None = off
+    max_phase_tokens: int = 64         # per thinking call
+    max_candidate_tokens: int = 64     # per candidate
+    max_thinking_tokens: int = 512     # then the thinking ends ("budget")
+    max_answer_tokens: int = 128
+    max_prompt_len: int = 512          # prompt tokens (wrapped, templated); longer: skipped
+    after_think: str = "\n\n"          # after </think> in the answer context ("\n": published)
+    seed: int = 0                      # with the prompt id and phase, seeds every sampler row
+    teacher: str | None = None         # pipeline: an HF teacher dir; None = the start model
+    teacher_name: str | None = None    # written to records; None = hf_dir or preset@seed
+    # Batching: how work is packed into sampler calls (never changes a record).
+    batch_prompts: int = 16            # prompts in flight
+    batch_candidates: bool = True      # B candidates in one call (False: one call each)
+    rows_per_call: int | None = None   # cap on rows per sampler call; None = none
+    compact: bool = True               # narrow a call's batch as its rows finish
+    progress: bool = True              # tqdm bar
+
+    def __post_init__(self):
+        if self.num_candidates < 1 or self.batch_prompts < 1:
+            raise ValueError("synth.num_candidates and synth.batch_prompts must be >= 1")
+
+
+# Synth fields that only decide how work is batched or shown: they never change a record.
+SYNTH_BATCHING_FIELDS = ("batch_prompts", "batch_candidates", "rows_per_call", "compact",
+                         "progress")
+
+
+@dataclasses.dataclass(frozen=True)
+class Eval:
+    """Evaluation on held-out prompts (opera_jax/evaluation)."""
+
+    prompts: str = "toy:heldout:32"    # prompt rows (data.path syntax; benchmark fields too)
+    num_prompts: int | None = None     # the first n prompts; None = all
+    n: int = 2                         # responses per prompt (rank needs >= 2)
+    max_new_tokens: int = 192
+    max_prompt_len: int = 512
+    temperature: float = 0.6
+    top_p: float = 0.95
+    top_k: int | None = 20
+    seed: int = 0
+    scorer: str | None = None          # a source label that scores every model; None = each itself
+    dtype: Dtype = Dtype.FLOAT32
