@@ -1,7 +1,8 @@
-"""Shared fixtures: random-weight Hugging Face Qwen3 checkpoints written with save_pretrained.
+"""Shared fixtures: random-weight Hugging Face checkpoints written with save_pretrained.
 
 That is the real loading path (config.json + safetensors through `load_pretrained`), with
-PyTorch's `Qwen3ForCausalLM` as the independent reference.
+PyTorch's `Qwen3ForCausalLM` (or `LlamaForCausalLM`, `Qwen2ForCausalLM`) as the independent
+reference.
 """
 
 from __future__ import annotations
@@ -25,18 +26,30 @@ TINY_HF = dict(
 )
 
 
-def make_hf_qwen3(path, *, tie: bool = True, seed: int = 0, max_shard_size=None, **overrides):
-    """Saves a random-weight transformers Qwen3ForCausalLM (float32) to `path`; returns it."""
+# The tiny llama3 rope scaling: from position 32 on, so a ~100-token input goes past it.
+LLAMA3_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=32)
+
+
+def make_hf_model(path, family: str = "qwen3", *, tie: bool = True, seed: int = 0,
+                  max_shard_size=None, **overrides):
+    """Saves a random-weight transformers model (float32) of `family` ("qwen3", "llama",
+    "qwen2") to `path`, with the tiny shapes and the embedded tokenizer; returns it."""
     import torch
     import transformers
 
+    config_cls, model_cls = {
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }[family]
     torch.manual_seed(seed)
-    cfg = transformers.Qwen3Config(**{**TINY_HF, **overrides}, tie_word_embeddings=tie,
-                                   attn_implementation="eager")
-    model = transformers.Qwen3ForCausalLM(cfg).eval()
-    with torch.no_grad():  # HF initialises norms to 1; perturb them so the test sees them
-        for name, p in model.named_parameters():
-            if "norm" in name:
+    cfg = config_cls(**{**TINY_HF, **overrides}, tie_word_embeddings=tie,
+                     attn_implementation="eager")
+    model = model_cls(cfg).eval()
+    with torch.no_grad():  # HF initialises norms to 1 and biases to 0; perturb them so the
+        for name, p in model.named_parameters():  # test sees them
+            if "norm" in name or name.endswith(".bias"):
                 p.add_(0.1 * torch.randn_like(p))
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(path, **kwargs)
@@ -44,6 +57,12 @@ def make_hf_qwen3(path, *, tie: bool = True, seed: int = 0, max_shard_size=None,
 
     load_tokenizer(None).save_pretrained(path)
     return model
+
+
+def make_hf_qwen3(path, *, tie: bool = True, seed: int = 0, max_shard_size=None, **overrides):
+    """Saves a random-weight transformers Qwen3ForCausalLM (float32) to `path`; returns it."""
+    return make_hf_model(path, "qwen3", tie=tie, seed=seed, max_shard_size=max_shard_size,
+                         **overrides)
 
 
 @pytest.fixture(scope="session")

@@ -85,8 +85,16 @@ def test_missing_weights(ckpt_copy):
 
 
 def test_other_architecture(ckpt_copy):
+    _edit_config(ckpt_copy, architectures=["MistralForCausalLM"], model_type="mistral")
+    with pytest.raises(ConfigError, match=r"architectures=\['MistralForCausalLM'\] is not "
+                                          r"supported.*Qwen3ForCausalLM, LlamaForCausalLM"):
+        load_pretrained(ckpt_copy)
+
+
+def test_family_weights_must_match(ckpt_copy):
+    """A Qwen3 checkpoint relabelled Llama: its q/k norms are unexpected tensors."""
     _edit_config(ckpt_copy, architectures=["LlamaForCausalLM"], model_type="llama")
-    with pytest.raises(ConfigError, match=r"architectures=\['LlamaForCausalLM'\].*Qwen3ForCausalLM only"):
+    with pytest.raises(CheckpointError, match=r"unexpected.*self_attn\.q_norm\.weight"):
         load_pretrained(ckpt_copy)
 
 

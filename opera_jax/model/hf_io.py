@@ -1,4 +1,4 @@
-"""Hugging Face Qwen3 checkpoints ⇄ sharded NNX parameters.
+"""Hugging Face checkpoints (Qwen3, Llama 3.x, Qwen2.5) ⇄ sharded NNX parameters.
 
 Loading reads `config.json` and `model.safetensors` (or the shards listed in
 `model.safetensors.index.json`) one tensor at a time: each tensor is memory-mapped, converted
@@ -58,6 +58,14 @@ def _same(w, cfg):
     return w
 
 
+def _split_bias(b, cfg):  # HF [N*H] -> [N, H]
+    return b.reshape(-1, cfg.head_dim)
+
+
+def _merge_bias(b, cfg):  # [N, H] -> HF [N*H]
+    return b.reshape(-1)
+
+
 _LAYER_MAP: list[tuple[str, tuple[str, ...], Callable, Callable]] = [
     ("input_layernorm.weight", ("input_layernorm", "scale"), _same, _same),
     ("post_attention_layernorm.weight", ("post_attention_layernorm", "scale"), _same, _same),
@@ -65,8 +73,18 @@ _LAYER_MAP: list[tuple[str, tuple[str, ...], Callable, Callable]] = [
     ("self_attn.k_proj.weight", ("self_attn", "k_proj"), _split_heads_in, _merge_heads_in),
     ("self_attn.v_proj.weight", ("self_attn", "v_proj"), _split_heads_in, _merge_heads_in),
     ("self_attn.o_proj.weight", ("self_attn", "o_proj"), _split_heads_out, _merge_heads_out),
+]
+# Per family, after _LAYER_MAP: Qwen3's q/k norms, Qwen2's q/k/v biases.
+_QK_NORM_MAP = [
     ("self_attn.q_norm.weight", ("self_attn", "q_norm", "scale"), _same, _same),
     ("self_attn.k_norm.weight", ("self_attn", "k_norm", "scale"), _same, _same),
+]
+_BIAS_MAP = [
+    ("self_attn.q_proj.bias", ("self_attn", "q_bias"), _split_bias, _merge_bias),
+    ("self_attn.k_proj.bias", ("self_attn", "k_bias"), _split_bias, _merge_bias),
+    ("self_attn.v_proj.bias", ("self_attn", "v_bias"), _split_bias, _merge_bias),
+]
+_MLP_MAP = [
     ("mlp.gate_proj.weight", ("mlp", "gate_proj"), _t, _t),
     ("mlp.up_proj.weight", ("mlp", "up_proj"), _t, _t),
     ("mlp.down_proj.weight", ("mlp", "down_proj"), _t, _t),
@@ -79,8 +97,10 @@ def name_map(cfg: Qwen3Config) -> dict[str, tuple[tuple, Callable, Callable]]:
            "model.norm.weight": (("norm", "scale"), _same, _same)}
     if not cfg.tie_word_embeddings:
         out["lm_head.weight"] = (("lm_head",), _t, _t)
+    layer_map = (_LAYER_MAP + (_QK_NORM_MAP if cfg.qk_norm else [])
+                 + (_BIAS_MAP if cfg.attention_bias else []) + _MLP_MAP)
     for i in range(cfg.num_hidden_layers):
-        for hf, ours, fwd, bwd in _LAYER_MAP:
+        for hf, ours, fwd, bwd in layer_map:
             out[f"model.layers.{i}.{hf}"] = (("layers", i) + ours, fwd, bwd)
     return out
 
@@ -96,13 +116,15 @@ def hf_shape(cfg: Qwen3Config, name: str) -> tuple[int, ...]:
         "self_attn.q_proj.weight": (n * h, d), "self_attn.k_proj.weight": (k * h, d),
         "self_attn.v_proj.weight": (k * h, d), "self_attn.o_proj.weight": (d, n * h),
         "self_attn.q_norm.weight": (h,), "self_attn.k_norm.weight": (h,),
+        "self_attn.q_proj.bias": (n * h,), "self_attn.k_proj.bias": (k * h,),
+        "self_attn.v_proj.bias": (k * h,),
         "mlp.gate_proj.weight": (f, d), "mlp.up_proj.weight": (f, d),
         "mlp.down_proj.weight": (d, f),
     }[suffix]
 
 
 class CheckpointError(ValueError):
-    """A checkpoint directory that does not hold a loadable Qwen3."""
+    """A checkpoint directory that does not hold a loadable model."""
 
 
 # Tensors some checkpoints carry that the model does not need.
@@ -136,7 +158,7 @@ def _weight_files(path: str) -> dict[str, str]:
 
 def load_hf_model(path: str | os.PathLike, *, dtype="float32", param_dtype=None,
                   mesh: Mesh | None = None, attention_impl=None, remat=False) -> Qwen3:
-    """Loads a local HF Qwen3 directory into a (sharded) Qwen3.
+    """Loads a local HF directory of a supported family into a (sharded) `Qwen3` decoder.
 
     Args:
       path: directory with config.json and safetensors weights.
@@ -145,7 +167,7 @@ def load_hf_model(path: str | os.PathLike, *, dtype="float32", param_dtype=None,
       mesh: shard parameters over this mesh (None: device 0).
     Raises:
       FileNotFoundError: missing directory / config.json.
-      ConfigError: not a Qwen3ForCausalLM config.
+      ConfigError: not a supported architecture (config.Family), or an unsupported option.
       CheckpointError: missing, unexpected or wrongly shaped tensors (named in the message).
     """
     path = os.fspath(path)
@@ -211,7 +233,7 @@ def _to_host(x: jax.Array) -> np.ndarray:
 
 def export_hf(model: Qwen3, out_dir: str | os.PathLike, *, tokenizer=None, dtype=None,
               max_shard_bytes: int = 4 << 30) -> str:
-    """Writes `model` as a HF Qwen3ForCausalLM directory; returns the path.
+    """Writes `model` as a HF directory of its family (e.g. LlamaForCausalLM); returns the path.
 
     Args:
       model: the model (any sharding; gathered tensor by tensor).
@@ -275,7 +297,7 @@ def export_hf(model: Qwen3, out_dir: str | os.PathLike, *, tokenizer=None, dtype
 
 def load_pretrained(path: str | os.PathLike, *, dtype="float32", mesh: Mesh | None = None,
                     param_dtype=None, attention_impl=None, remat=False):
-    """Loads a HF Qwen3 directory: returns `(model, tokenizer)`.
+    """Loads a HF Qwen3, Llama 3.x or Qwen2.5 directory: returns `(model, tokenizer)`.
 
     The tokenizer comes from the same directory with local files only (never a hub call).
     See `load_hf_model` for the arguments and errors.

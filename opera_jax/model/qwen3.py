@@ -1,4 +1,4 @@
-"""The Qwen3 decoder in Flax NNX.
+"""The Qwen3 decoder in Flax NNX, also running Llama 3.x and Qwen2.5 (config.Family).
 
 Axis letters, used in einsum strings, shape comments and logical sharding names:
   B batch, T query length, S key length (cache slots), N query heads, K kv heads,
@@ -6,7 +6,9 @@ Axis letters, used in einsum strings, shape comments and logical sharding names:
 
 Matches Hugging Face `Qwen3ForCausalLM`: RMSNorm (float32 statistics), grouped-query attention
 with a per-head RMSNorm on q and k before rotary embeddings (rotate-half layout), SwiGLU MLP,
-tied or untied LM head, no biases.
+tied or untied LM head, no biases. The other families differ only in attention:
+`LlamaForCausalLM` has no q/k norm and may scale its rotary frequencies (llama3),
+`Qwen2ForCausalLM` has no q/k norm and adds biases to q, k and v.
 
 Masking (see attention.py): tokens attend causally (by slot) to keys with the same nonzero
 segment id. Segment id 0 marks padding; distinct ids separate packed sequences. Left padding =
@@ -15,6 +17,7 @@ segment 0 on the pads, 1 elsewhere, with positions counting from the first real 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.struct
@@ -23,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from opera_jax.model import attention as attn_lib
-from opera_jax.model.config import Qwen3Config
+from opera_jax.model.config import Qwen3Config, RopeScaling
 from opera_jax.model.logprobs import token_logprobs
 from opera_jax.sharding import constrain
 
@@ -47,10 +50,33 @@ class RMSNorm(nnx.Module):
         return self.scale[...].astype(dtype) * xf.astype(dtype)
 
 
-def rotary(x, positions, theta: float):
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None):
+    """Inverse frequencies float32 [H/2]; with `scaling`, Llama 3's long-context version.
+
+    The llama3 branch follows transformers' `_compute_llama3_parameters` step for step in
+    float32 (same band edges; values within an ulp).
+    """
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if scaling is None:
+        return inv_freq
+    old_len = scaling.original_max_position_embeddings
+    wavelen = 2 * math.pi / inv_freq
+    # Long wavelengths (low frequencies) are stretched by `factor`, short ones kept; the band
+    # between interpolates smoothly from one to the other.
+    scaled = jnp.where(wavelen > old_len / scaling.low_freq_factor, inv_freq / scaling.factor,
+                       inv_freq)
+    smooth = ((old_len / wavelen - scaling.low_freq_factor)
+              / (scaling.high_freq_factor - scaling.low_freq_factor))
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = ~(wavelen < old_len / scaling.high_freq_factor) & ~(
+        wavelen > old_len / scaling.low_freq_factor)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def rotary(x, positions, theta: float, scaling: RopeScaling | None = None):
     """Rotary embedding, HF rotate-half layout. x: [B, T, N, H]; positions: int [B, T]."""
     h = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))  # [H/2]
+    inv_freq = rope_frequencies(h, theta, scaling)  # [H/2]
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
     cos = jnp.cos(angles)[:, :, None, :]
     sin = jnp.sin(angles)[:, :, None, :]
@@ -103,14 +129,21 @@ class Attention(nnx.Module):
         self.dtype = dtype
         self.attention_impl = attention_impl
         self.rope_theta = cfg.rope_theta
+        self.rope_scaling = cfg.rope_scaling
         self.q_proj = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), param_dtype)
         self.k_proj = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), param_dtype)
         self.v_proj = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), param_dtype)
         self.o_proj = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), param_dtype)
-        self.q_norm = RMSNorm(h, cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs,
-                              names=("head_dim",))
-        self.k_norm = RMSNorm(h, cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs,
-                              names=("head_dim",))
+        # Family-specific parts, None where the family has none: q/k norms (Qwen3), q/k/v
+        # biases (Qwen2). Each is assigned once: NNX fixes an attribute's kind on assignment.
+        norm = lambda: RMSNorm(h, cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs,
+                               names=("head_dim",))
+        bias = lambda heads, name: _param(rngs, (heads, h), (name, "head_dim"), param_dtype)
+        self.q_norm = norm() if cfg.qk_norm else None
+        self.k_norm = norm() if cfg.qk_norm else None
+        self.q_bias = bias(n, "heads") if cfg.attention_bias else None
+        self.k_bias = bias(k, "kv_heads") if cfg.attention_bias else None
+        self.v_bias = bias(k, "kv_heads") if cfg.attention_bias else None
 
     def __call__(self, x, *, positions, segment_ids, mask, layer_cache, prefill_causal):
         """x: [B, T, D].
@@ -120,11 +153,7 @@ class Attention(nnx.Module):
         the updated buffers are returned.
         """
         dt = self.dtype
-        q = jnp.einsum("BTD,DNH->BTNH", x, self.q_proj[...].astype(dt))
-        k = jnp.einsum("BTD,DKH->BTKH", x, self.k_proj[...].astype(dt))
-        v = jnp.einsum("BTD,DKH->BTKH", x, self.v_proj[...].astype(dt))
-        q = rotary(self.q_norm(q), positions, self.rope_theta)
-        k = rotary(self.k_norm(k), positions, self.rope_theta)
+        q, k, v = self._project_qkv(x, positions)
         q = constrain(q, ("batch", "seq", "act_heads", "head_dim"))
         k = constrain(k, ("batch", "seq", "act_kv_heads", "head_dim"))
         b, t = x.shape[:2]
@@ -151,6 +180,22 @@ class Attention(nnx.Module):
                                  prefill_causal=prefill_causal)  # [B, T, N, H]
         y = jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(dt))
         return y, new_kv
+
+    def _project_qkv(self, x, positions):
+        """q [B, T, N, H], k and v [B, T, K, H] from x [B, T, D]: biases, q/k norms, rotary."""
+        dt = self.dtype
+        q = jnp.einsum("BTD,DNH->BTNH", x, self.q_proj[...].astype(dt))
+        k = jnp.einsum("BTD,DKH->BTKH", x, self.k_proj[...].astype(dt))
+        v = jnp.einsum("BTD,DKH->BTKH", x, self.v_proj[...].astype(dt))
+        if self.q_bias is not None:
+            q = q + self.q_bias[...].astype(dt)
+            k = k + self.k_bias[...].astype(dt)
+            v = v + self.v_bias[...].astype(dt)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = rotary(q, positions, self.rope_theta, self.rope_scaling)
+        k = rotary(k, positions, self.rope_theta, self.rope_scaling)
+        return q, k, v
 
 
 class MLP(nnx.Module):
@@ -196,7 +241,7 @@ def positions_from_segment_ids(segment_ids: jax.Array) -> jax.Array:
 
 
 class Qwen3(nnx.Module):
-    """Qwen3 decoder LM.
+    """Decoder LM of any `config.Family` (the name is historical).
 
     Args:
       config: architecture.
