@@ -2,6 +2,7 @@
 
     python benchmarks/study.py                                   # 3 seeds, every variant
     python benchmarks/study.py --config.seeds=0,1,2,3,4 --config.variants=opera,random,sft
+    python benchmarks/study.py --config.recipe.grpo.optim.lr=3e-4   # any key of the recipe
 
 For each seed, the main job's warm-up, synthesis and SFT stages run as `python -m
 opera_jax.train` runs them, seeded (`seeded`); then one GRPO run per variant starts from the
@@ -13,7 +14,7 @@ computed from:
   rank_only        rank term only (reflection_weight 0)
   reflection_only  reflection term only (rank_weight 0)
   random           the OPERA rewards permuted at random across each step's batch: the same
-                   mean and variance, no relation to the response (`reward.randomize`)
+                   mean and variance, no relation to the response (`grpo.random_rewards`)
   sft              no RL: the SFT model itself
   + deviations     `DEVIATIONS` below, options that change what the reward counts
 
@@ -29,26 +30,28 @@ import json
 import logging
 import os
 import sys
-from typing import Callable
 
 import ml_collections
 import numpy as np
+from absl import app, flags
 from tqdm.auto import tqdm
 
-from opera_jax import evaluate
-from opera_jax.train import pipeline
-from opera_jax.train.configs import default
+from opera_jax import cli, pipeline
+from opera_jax.config import build
+from opera_jax.config.runs import parse
+from opera_jax.config.setups import default
+from opera_jax.evaluation import evaluate
 from opera_jax.train.metrics import read_metrics
 from opera_jax.train.plots import latest_per_step
 
-# Variant name -> how it changes the GRPO section of the default config.
-VARIANTS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
-    "opera": lambda g: None,
-    "rank_only": lambda g: setattr(g.reward, "reflection_weight", 0.0),
-    "reflection_only": lambda g: setattr(g.reward, "rank_weight", 0.0),
-    "random": lambda g: setattr(g.reward, "randomize", True),
+# Variant name -> the config keys it changes (dotted, under the recipe); nothing else differs.
+VARIANTS: dict[str, dict] = {
+    "opera": {},
+    "rank_only": {"reward.reflection_weight": 0.0},
+    "reflection_only": {"reward.rank_weight": 0.0},
+    "random": {"grpo.random_rewards": True},
 }
-DEVIATIONS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {}
+DEVIATIONS: dict[str, dict] = {}
 NO_RL = "sft"
 # Columns of the table: (label, key in a unit's results).
 COLUMNS = (("train reward first 5", "reward_first5"), ("train reward last 5", "reward_last5"),
@@ -61,24 +64,24 @@ COLUMNS = (("train reward first 5", "reward_first5"), ("train reward last 5", "r
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.workdir = "runs/study"
-    c.warmup_cache = "~/.cache/opera_jax/warmup"
     c.seeds = "0,1,2"
     c.variants = ",".join([*VARIANTS, NO_RL, *DEVIATIONS])
     c.recipe = default()           # the main job's config; any key may be overridden
     return c
 
 
-def seeded(recipe: ml_collections.ConfigDict, seed: int) -> ml_collections.ConfigDict:
-    """The recipe with every stage's randomness drawn from `seed`: the toy data, the warm-up's
-    initial weights and data order, synthesis sampling, SFT data order, GRPO sampling, prompt
-    order and state RNG."""
+def seeded(recipe: ml_collections.ConfigDict, seed: int, workdir: str,
+           changes: dict | None = None):
+    """The typed recipe with every stage's randomness drawn from `seed` (the toy data, the
+    warm-up's initial weights, synthesis sampling, data orders, GRPO sampling and state RNG)
+    and the variant's `changes`; everything under `workdir`/seed<seed>."""
     c = ml_collections.ConfigDict(recipe.to_dict())
-    c.seed = seed
-    c.warmup.model.init_seed = c.warmup.data.seed = seed
-    c.synth.synth.seed = seed
-    c.sft.data.seed = seed
-    c.grpo.seed = c.grpo.data.seed = seed
-    return c
+    c.workdir = os.path.join(workdir, f"seed{seed}")
+    c.seed = c.data.seed = c.model.init_seed = c.synth.seed = seed
+    for key, value in (changes or {}).items():
+        section, name = key.rsplit(".", 1)
+        c[section][name] = value
+    return parse(c)
 
 
 def _grpo_curves(grpo_dir: str) -> dict:
@@ -96,23 +99,18 @@ def _grpo_curves(grpo_dir: str) -> dict:
 
 def run_unit(config: ml_collections.ConfigDict, seed: int, variant: str, scorer) -> dict:
     """One (seed, variant): GRPO from the seed's SFT model (unless `sft`), then evaluation."""
-    recipe = seeded(config.recipe, seed)
-    recipe.workdir = os.path.join(config.workdir, f"seed{seed}")
-    recipe.warmup_cache = config.warmup_cache
+    recipe = seeded(config.recipe, seed, config.workdir, {**VARIANTS, **DEVIATIONS}.get(variant))
     paths = pipeline.paths_of(recipe)
     out = {"seed": seed, "variant": variant}
     source = paths.sft_hf
     if variant != NO_RL:
-        change = {**VARIANTS, **DEVIATIONS}[variant]
-        change(recipe.grpo)
         grpo_dir = os.path.join(paths.workdir, f"grpo_{variant}")
         pipeline.run_grpo(recipe, paths, workdir=grpo_dir)
         out.update(_grpo_curves(grpo_dir))
         source = grpo_dir
-    model, tokenizer = evaluate.load_source(source, dtype=recipe.eval.dtype)
+    model, tokenizer = build.load_source(source, dtype=recipe.eval.dtype)
     rows = evaluate.load_prompts(recipe.eval)
-    records, metrics = evaluate.evaluate_model(model, tokenizer, rows, recipe.eval,
-                                               scorer=scorer)
+    _, metrics = evaluate.evaluate_model(model, tokenizer, rows, recipe.eval, scorer=scorer)
     out.update(metrics)
     return out
 
@@ -169,9 +167,9 @@ def write_plot(units: list[dict], variants: list[str], path: str) -> None:
     fig.savefig(path, dpi=100)
 
 
-def main(config: ml_collections.ConfigDict) -> None:
+def study(config: ml_collections.ConfigDict) -> None:
     logging.getLogger("opera_jax").setLevel(logging.WARNING)
-    seeds = [int(s) for s in str(config.seeds).split(",") if s.strip()]
+    seeds = [int(x) for x in str(config.seeds).split(",") if x.strip()]
     variants = [v.strip() for v in config.variants.split(",") if v.strip()]
     unknown = set(variants) - {*VARIANTS, *DEVIATIONS, NO_RL}
     if unknown:
@@ -179,21 +177,19 @@ def main(config: ml_collections.ConfigDict) -> None:
                          f"{', '.join([*VARIANTS, NO_RL, *DEVIATIONS])}")
     unit_dir = os.path.join(config.workdir, "units")
     os.makedirs(unit_dir, exist_ok=True)
-    todo = [(s, v) for s in seeds for v in variants]
     units = []
-    with tqdm(total=len(todo), unit="unit", desc="study") as bar:
+    with tqdm(total=len(seeds) * len(variants), unit="unit", desc="study") as bar:
         for seed in seeds:
-            recipe = seeded(config.recipe, seed)
-            recipe.workdir = os.path.join(config.workdir, f"seed{seed}")
-            recipe.warmup_cache = config.warmup_cache
-            recipe.stages = "warmup,synth,sft"
+            recipe = seeded(config.recipe, seed, config.workdir)
             scorer = None
             for variant in variants:
                 path = os.path.join(unit_dir, f"{seed}_{variant}.json")
                 if not os.path.exists(path):
                     if scorer is None:  # the seed's SFT model, built once
-                        pipeline.run(recipe)
-                        scorer = evaluate.load_source(pipeline.paths_of(recipe).sft_hf)[0]
+                        for stage in (pipeline.run_warmup, pipeline.run_synth,
+                                      pipeline.run_sft):
+                            stage(recipe, pipeline.paths_of(recipe))
+                        scorer = build.load_source(pipeline.paths_of(recipe).sft_hf)[0]
                     bar.set_postfix_str(f"seed {seed} {variant}")
                     unit = run_unit(config, seed, variant, scorer)
                     with open(path + ".tmp", "w") as f:
@@ -207,7 +203,12 @@ def main(config: ml_collections.ConfigDict) -> None:
     print(f"table: {config.workdir}/study.md, plot: {config.workdir}/study.png")
 
 
-if __name__ == "__main__":
-    from opera_jax.train.cli import run
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cli.run_main(lambda: study(flags.FLAGS.config))
 
-    run(main, default_config=os.path.abspath(__file__))
+
+if __name__ == "__main__":
+    cli.define_config(get_config, sys.argv)
+    app.run(main, flags_parser=cli.parse_flags)

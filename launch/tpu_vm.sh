@@ -2,7 +2,7 @@
 # A Cloud TPU VM slice: create it (or reuse it), install on every worker, run on all workers.
 #
 #   launch/tpu_vm.sh NAME ZONE ACCELERATOR CONFIG [--config.key=value ...]
-#   launch/tpu_vm.sh opera-v5p us-east5-a v5p-32 configs/sft_tiny.py --config.workdir=gs://b/run
+#   launch/tpu_vm.sh opera-v5p us-east5-a v5p-32 configs/sft_tiny.py --config.workdir=/mnt/runs/sft
 #
 # Runs on every worker: OPERA_MULTIHOST=1 python -m opera_jax.train --config=CONFIG [overrides]
 # (JAX finds the other workers from the TPU metadata). $TPU_VERSION picks the software image.
@@ -27,6 +27,8 @@ git -C "$REPO" archive --format=tar.gz -o "$ARCHIVE" HEAD
   rm -rf ~/opera_jax && mkdir -p ~/opera_jax && tar -xzf ~/opera_jax.tar.gz -C ~/opera_jax
   [ -x ~/venv/bin/python ] || python3 -m venv ~/venv
   ~/venv/bin/pip install -q -e \"\$HOME/opera_jax[tpu]\""
+# The remote shell parses the command again: every user value goes in shell-quoted (%q).
+CONFIG_Q=$(printf '%q' "$CONFIG")
 ARGS=$(printf ' %q' "$@")
 "${TPU[@]}" ssh "$NAME" --zone "$ZONE" --worker=all --command \
-  "cd ~/opera_jax && OPERA_MULTIHOST=1 ~/venv/bin/python -m opera_jax.train --config=$CONFIG$ARGS"
+  "cd ~/opera_jax && OPERA_MULTIHOST=1 ~/venv/bin/python -m opera_jax.train --config=$CONFIG_Q$ARGS"

@@ -122,7 +122,7 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save)
         self._mngr = ocp.CheckpointManager(self.directory, options=options)
-        self._saving: int | None = None  # the step of the save that may still be running
+        self._saving: int | None = None  # the step of the newest save started
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step, or None."""
@@ -137,8 +137,8 @@ class Checkpointer:
         return _SIGTERM.is_set() or self._mngr.reached_preemption(step)
 
     def _raise_failed_save(self) -> None:
-        """Reports a save that failed in the background, once, in one line."""
-        step, self._saving = self._saving, None
+        """Reports a save that failed in the background, in one line naming its directory."""
+        step = self._saving
         try:
             self._mngr.check_for_errors()
         except Exception as e:  # orbax wraps the OS error; find it

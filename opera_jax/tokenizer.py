@@ -8,8 +8,13 @@ real Qwen3 checkpoint directory:
     x = apply_chat_template(tok, "Write a poem.")  # the prompt string the policy sees
     ids, offsets = encode_with_offsets(tok, x + response)
 
-Encoding never adds BOS or other special tokens: the chat template already wrote them as text,
-and special-token strings in the text (`<|im_start|>`, `<think>`) map to their single ids.
+Encoding never adds BOS or other special tokens: the chat template already wrote them as text.
+Text we write (the chat template, the response format) maps special-token strings
+(`<|im_start|>`, `<think>`) to their single ids; text that comes from data — a user's prompt,
+a reference, a synthesised thinking — does not: `encode_text` and `encode_prompt` encode any
+special-token string inside it as the plain characters it is, so a data row cannot forge a
+turn or a think block (`special_tokens_in_text=True` keeps the old behaviour for data that
+means them).
 """
 
 from __future__ import annotations
@@ -75,6 +80,71 @@ def response_text(thinking: str, output: str) -> str:
     """A response in the trained format: the think block, a blank line, then the answer
     (Qwen3's chat template writes the same separators)."""
     return f"{THINK_OPEN}\n{thinking}\n{THINK_CLOSE}\n\n{output}"
+
+
+# A placeholder that no text contains (Unicode private use area), where the user's message
+# goes when the chat template is rendered.
+_USER_SLOT = "\ue000\ue001"
+
+
+def _added_strings(tokenizer) -> tuple[str, ...]:
+    return tuple(t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values()
+                 if len(t.content) > 1)
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Token ids of data text, with every special- or added-token string in it (`<|im_end|>`,
+    `<think>`) encoded as the plain characters it is, never as the control token.
+
+    The text is cut one character into each such string and the pieces are encoded on their
+    own; the ids decode back to exactly `text`.
+    """
+    cuts = sorted({i + 1 for s in _added_strings(tokenizer)
+                   for i in _find_all(text, s)})
+    if not cuts:
+        return encode(tokenizer, text)
+    bounds = [0, *cuts, len(text)]
+    return [t for a, b in zip(bounds, bounds[1:]) if b > a for t in encode(tokenizer, text[a:b])]
+
+
+def has_special_strings(tokenizer, *texts: str) -> bool:
+    """Whether any of `texts` holds a special- or added-token string."""
+    return any(s in t for s in _added_strings(tokenizer) for t in texts)
+
+
+def encode_response(tokenizer, thinking: str, output: str, *,
+                    special_tokens_in_text: bool = False) -> list[int]:
+    """Token ids of `response_text(thinking, output)`; the two fields are data, encoded by
+    `encode_text` when they hold special-token strings (the think tags around them are the
+    format's own)."""
+    if special_tokens_in_text or not has_special_strings(tokenizer, thinking, output):
+        return encode(tokenizer, response_text(thinking, output))
+    return (encode(tokenizer, f"{THINK_OPEN}\n") + encode_text(tokenizer, thinking)
+            + encode(tokenizer, f"\n{THINK_CLOSE}\n\n") + encode_text(tokenizer, output))
+
+
+def _find_all(text: str, sub: str):
+    start = text.find(sub)
+    while start >= 0:
+        yield start
+        start = text.find(sub, start + 1)
+
+
+def encode_prompt(tokenizer, prompt: str, *, enable_thinking: bool = True,
+                  system: str | None = None, special_tokens_in_text: bool = False) -> list[int]:
+    """Token ids of the prompt as the policy sees it (`apply_chat_template`), with the user's
+    message encoded by `encode_text` (or as it is with `special_tokens_in_text`). A message
+    without special-token strings is encoded with the template in one piece, as always."""
+    if special_tokens_in_text or not has_special_strings(tokenizer, prompt):
+        return encode(tokenizer, apply_chat_template(tokenizer, prompt,
+                                                     enable_thinking=enable_thinking,
+                                                     system=system))
+    rendered = apply_chat_template(tokenizer, _USER_SLOT, enable_thinking=enable_thinking,
+                                   system=system)
+    if rendered.count(_USER_SLOT) != 1:
+        raise ValueError("the chat template does not render the user message exactly once")
+    before, after = rendered.split(_USER_SLOT)
+    return encode(tokenizer, before) + encode_text(tokenizer, prompt) + encode(tokenizer, after)
 
 
 def encode(tokenizer, text: str) -> list[int]:

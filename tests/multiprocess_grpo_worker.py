@@ -10,29 +10,23 @@ import sys
 from opera_jax import distributed
 distributed.initialize()
 import jax
-from jax.experimental import multihost_utils
-from opera_jax.data.jsonl import write_jsonl
-from opera_jax.data.toy_domain import prompt_rows
-from opera_jax.train.configs import grpo_tiny
+from opera_jax.config.runs import parse
+from opera_jax.config.setups import grpo_tiny
 from opera_jax.train.grpo import train
 from opera_jax.train.metrics import read_metrics
 out = sys.argv[1]
 c = grpo_tiny()
 c.workdir = out
 c.model.dtype = "float32"
-c.data.path = out + "_prompts.jsonl"
-if jax.process_index() == 0:
-    write_jsonl(c.data.path, prompt_rows(64, seed=0))
-multihost_utils.sync_global_devices("data")
-c.data.write_toy_rows = 0
+c.data.path = "toy:prompts:64"
 c.data.num_threads = 0
 c.rollout.num_prompts = 4
 c.rollout.n = 4
 c.rollout.max_new_tokens = 32
 c.grpo.steps = 2
-c.validation.every = 0
+c.validation.every = None
 c.checkpoint.async_save = False
-train(c)
+train(parse(c))
 if jax.process_index() == 0:
     print(json.dumps([{k: r[k] for k in ("reward/mean", "loss", "kl")}
                       for r in read_metrics(out) if "loss" in r]))

@@ -10,24 +10,18 @@ import sys
 from opera_jax import distributed
 distributed.initialize()
 import jax
-from opera_jax.data.jsonl import write_jsonl
-from opera_jax.data.toy_domain import examples
-from opera_jax.train.configs import sft_tiny
-from opera_jax.train.sft import train
+from opera_jax.config.runs import parse
+from opera_jax.config.setups import sft_tiny
 from opera_jax.train.metrics import read_metrics
+from opera_jax.train.sft import train
 out = sys.argv[1]
 c = sft_tiny()
 c.workdir = out
 c.model.dtype = "float32"
-c.data.path = out + "_toy.jsonl"
-if jax.process_index() == 0:
-    write_jsonl(c.data.path, examples(64, seed=0))
-from jax.experimental import multihost_utils
-multihost_utils.sync_global_devices("data")
-c.data.write_toy_rows = 0
+c.data.path = "toy:sft:64"
 c.data.num_threads = 0
 c.sft.steps = 3
 c.checkpoint.async_save = False
-train(c)
+train(parse(c))
 if jax.process_index() == 0:
     print(json.dumps([round(r["loss"], 6) for r in read_metrics(out)]))

@@ -4,14 +4,13 @@ import logging
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from opera_jax import make_mesh
 from opera_jax.data.pipeline import shuffled_source
-from opera_jax.train.checkpoint import Checkpointer, config_diff
+from opera_jax.checkpoint import Checkpointer, config_diff
 from opera_jax.train.state import TrainState, abstract_state, shardings_of
 
 
@@ -32,7 +31,7 @@ def small_state(mesh, step):
 
 
 def test_save_keep_restore_onto_another_mesh(tmp_path, caplog):
-    config = ml_collections.ConfigDict({"sft": {"steps": 4, "lr": 0.5}, "name": "x"})
+    config = {"sft": {"steps": 4, "lr": 0.5}, "name": "x"}
     data = iter(shuffled_source(list(range(50)), seed=0, process_index=0,
                                 process_count=1).to_iter_dataset())
     saving_mesh = make_mesh(1, 8, 1)
@@ -50,8 +49,8 @@ def test_save_keep_restore_onto_another_mesh(tmp_path, caplog):
     _, abstract = small_state(mesh, 0)
     fresh = iter(shuffled_source(list(range(50)), seed=0, process_index=0,
                                  process_count=1).to_iter_dataset())
-    changed = ml_collections.ConfigDict({"sft": {"steps": 8, "lr": 0.5}, "name": "x"})
-    with caplog.at_level(logging.WARNING, logger="opera_jax.train.checkpoint"):
+    changed = {"sft": {"steps": 8, "lr": 0.5}, "name": "x"}
+    with caplog.at_level(logging.WARNING, logger="opera_jax.checkpoint"):
         restored, saved_config = ckpt.restore(4, abstract, data_iter=fresh, config=changed)
     ckpt.close()
 

@@ -33,19 +33,36 @@ def test_raise_names_file_and_first_bad_line(messy):
     assert e.value.line == 2 and e.value.path == messy
 
 
-def test_skip_warns_each_bad_line_and_keeps_the_good_rows(messy, caplog):
+def test_skip_names_the_first_bad_lines_counts_the_rest_and_keeps_the_good_rows(messy, caplog):
     with caplog.at_level(logging.WARNING, logger="opera_jax.data.jsonl"):
         rows = read_jsonl(messy, required=SFT_FIELDS, on_error="skip")
-    assert [r["id"] for r in rows] == ["x", "five", "nine"]
+    assert [r["id"] for r in rows] == ["x", "five", "nine"] and rows.bad == 5
     assert [r["_source"] for r in rows] == [f"{messy}:1", f"{messy}:5", f"{messy}:9"]
     text = caplog.text
     assert f"{messy}:2: invalid JSON" in text
     assert f"{messy}:4: missing field 'thinking'" in text
     assert f"{messy}:6: expected a JSON object, got list" in text
-    assert f"{messy}:7: field 'output' must be a string, got int" in text
-    assert f"{messy}:8: field 'prompt' is empty" in text
+    assert f"{messy}:7:" not in text and f"{messy}:8:" not in text  # counted, not named
     assert f"{messy}:3:" not in text  # blank lines are not errors
-    assert "skipped 5 malformed of 8 rows" in text
+    assert "skipped 5 bad of 8 rows" in text
+    with pytest.raises(BadRowError, match=f"{messy}:2: invalid JSON"):
+        read_jsonl(messy, required=SFT_FIELDS)  # raise: the first bad row stops
+
+
+
+def test_non_utf8_bytes_and_bad_task_types_are_bad_rows(tmp_path):
+    path = tmp_path / "raw.jsonl"
+    good = json.dumps({**GOOD, "id": "ok"}).encode()
+    path.write_bytes(good + b"\n" + b'{"prompt": "caf\xe9"}\n'
+                     + json.dumps({**GOOD, "task_type": "poetry"}).encode() + b"\n")
+    with pytest.raises(BadRowError, match=rf"{path}:2: not valid UTF-8 \(byte 15 of the line\)"):
+        read_jsonl(path)
+    rows = read_jsonl(path, on_error="skip")
+    assert [r["id"] for r in rows] == ["ok"] and rows.bad == 2
+    path.write_bytes(good + b"\n" + json.dumps({**GOOD, "task_type": "poetry"}).encode())
+    with pytest.raises(BadRowError, match=rf"{path}:2: field 'task_type' is 'poetry'; valid: "
+                       "writing, math"):
+        read_jsonl(path)
 
 
 def test_no_valid_rows_is_an_error_even_when_skipping(tmp_path):

@@ -28,10 +28,9 @@ def test_loss_mask_covers_exactly_the_response(tok):
     assert response_text("abc", "out") == "<think>\nabc\n</think>\n\nout"
 
 
-def test_overlong_examples_are_dropped_or_truncated(tok, caplog):
+def test_overlong_examples_are_dropped_or_truncated(tok):
     row = {"prompt": "Hi there", "thinking": "abc", "output": "out", "_source": "f.jsonl:7"}
-    assert TokenizeSFT(tok, eos_id=EOS, seq_len=20)(row) is None  # 21 tokens
-    assert "f.jsonl:7: example has 21 tokens > seq_len 20; dropped" in caplog.text
+    assert TokenizeSFT(tok, eos_id=EOS, seq_len=20)(row) is None  # 21 tokens (counted later)
     ex = TokenizeSFT(tok, eos_id=EOS, seq_len=20, overlong="truncate")(row)
     np.testing.assert_array_equal(ex["loss_mask"], [0] * 12 + [1] * 8)
     assert ex["tokens"][-1] == 313  # "out", the eos was cut

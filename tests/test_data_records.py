@@ -7,7 +7,8 @@ import pytest
 
 from opera_jax.data.jsonl import SFT_FIELDS, BadRowError
 from opera_jax.data.pipeline import sft_batches
-from opera_jax.data.records import JsonRecords, jsonl_to_array_record, open_rows
+from opera_jax.data.records import JsonRecords, jsonl_to_array_record
+from opera_jax.data.sources import open_rows
 from opera_jax.data.jsonl import write_jsonl
 from opera_jax.data.toy_domain import examples
 from opera_jax.tokenizer import load_tokenizer

@@ -3,7 +3,7 @@
 import pytest
 
 from opera_jax.reward.segments import parse_think_block
-from opera_jax.train import diagnostics as D
+from opera_jax.rollout import diagnostics as D
 
 KEYWORDS = ("But", "Wait", "Hmm", "However", "Wait a minute")
 

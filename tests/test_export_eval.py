@@ -16,11 +16,15 @@ import torch
 import transformers
 
 from opera_jax import make_mesh
+from opera_jax.config.build import load_run
+from opera_jax.config.parse import from_config, to_config
+from opera_jax.config.runs import parse
+from opera_jax.config.sections import Eval
+from opera_jax.config.setups import sft_tiny
 from opera_jax.data.jsonl import write_jsonl
 from opera_jax.data.toy_domain import examples
-from opera_jax.export import export_checkpoint, load_checkpoint
-from opera_jax.evaluate import compare, default_config, load_prompts
-from opera_jax.train.configs import sft_tiny
+from opera_jax.evaluation import compare, load_prompts
+from opera_jax.model.hf_io import export_hf
 from opera_jax.train.sft import train
 
 IDS = np.random.RandomState(0).randint(0, 1024, (2, 12)).astype(np.int32)
@@ -33,16 +37,15 @@ def _sft_run(tmp, hf_dir, *, num_devices):
     c.model.hf_dir = hf_dir
     c.model.dtype = "float32"
     c.data.path = write_jsonl(tmp / "toy.jsonl", examples(32, seed=0))
-    c.data.write_toy_rows = 0
     c.data.num_threads = 0
     c.sft.steps = 2
-    return train(c), c.workdir
+    return train(parse(c)), c.workdir
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, hf_tiny):
     assert jax.device_count() == 8  # written from an 8-way fsdp mesh
-    state, workdir = _sft_run(tmp_path_factory.mktemp("export"), hf_tiny[0], num_devices=-1)
+    state, workdir = _sft_run(tmp_path_factory.mktemp("export"), hf_tiny[0], num_devices=None)
     assert state.params["embed_tokens"].sharding.spec[1] == "fsdp"
     return workdir
 
@@ -52,9 +55,9 @@ def _logits(model):
 
 
 def test_restore_on_one_device_and_on_eight(run_dir, hf_tiny):
-    one, tok, cfg, step = load_checkpoint(run_dir, mesh=make_mesh(1, 1, 1, devices=jax.devices()[:1]))
-    eight, _, _, _ = load_checkpoint(run_dir, mesh=make_mesh(2, 2, 2))
-    assert step == 2 and cfg.model.hf_dir == hf_tiny[0]
+    one, tok, model, step = load_run(run_dir, mesh=make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+    eight, _, _, _ = load_run(run_dir, mesh=make_mesh(2, 2, 2))
+    assert step == 2 and model.hf_dir == hf_tiny[0]
     assert len(one.embed_tokens[...].sharding.device_set) == 1
     assert len(eight.embed_tokens[...].sharding.device_set) == 8
     np.testing.assert_array_equal(np.asarray(one.embed_tokens[...]), np.asarray(eight.embed_tokens[...]))
@@ -68,19 +71,20 @@ def test_restore_on_one_device_and_on_eight(run_dir, hf_tiny):
 def test_one_device_checkpoint_restores_on_eight(tmp_path, hf_tiny, run_dir):
     state, workdir = _sft_run(tmp_path, hf_tiny[0], num_devices=1)
     assert len(state.params["embed_tokens"].sharding.device_set) == 1
-    eight, _, _, _ = load_checkpoint(workdir, mesh=make_mesh(2, 2, 2))
+    eight, _, _, _ = load_run(workdir, mesh=make_mesh(2, 2, 2))
     assert len(eight.embed_tokens[...].sharding.device_set) == 8
-    one, _, _, _ = load_checkpoint(workdir, mesh=make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+    one, _, _, _ = load_run(workdir, mesh=make_mesh(1, 1, 1, devices=jax.devices()[:1]))
     np.testing.assert_allclose(_logits(eight), _logits(one), atol=1e-5)
     # the same data and seed on 8 devices and on 1 give the same trained model
-    same, _, _, _ = load_checkpoint(run_dir)
+    same, _, _, _ = load_run(run_dir)
     np.testing.assert_allclose(_logits(same), _logits(one), atol=1e-4)
 
 
 def test_export_round_trip_through_transformers(run_dir, tmp_path):
-    out = export_checkpoint(run_dir, str(tmp_path / "hf"))
+    model, tokenizer, _, _ = load_run(run_dir)
+    out = export_hf(model, str(tmp_path / "hf"), tokenizer=tokenizer)
     ref = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
-    model, _, _, _ = load_checkpoint(run_dir)
+    model, _, _, _ = load_run(run_dir)
     with torch.no_grad():
         got = ref(torch.tensor(IDS, dtype=torch.long)).logits.numpy()
     assert np.abs(got - _logits(model)).max() <= 1e-4
@@ -89,22 +93,19 @@ def test_export_round_trip_through_transformers(run_dir, tmp_path):
 
 def test_missing_checkpoint_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_checkpoint(str(tmp_path / "nope"))
+        load_run(str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
-        load_checkpoint(str(tmp_path / "empty"))
+        load_run(str(tmp_path / "empty"))
 
 
 def test_eval_writes_documented_files(run_dir, hf_tiny, tmp_path):
-    c = default_config()
-    c.out = str(tmp_path / "eval")
-    c.num_prompts = 3
-    c.n = 2
-    c.max_new_tokens = 16
-    results = compare({"start": hf_tiny[0], "sft": run_dir}, c)
-    assert sorted(os.listdir(c.out)) == ["metrics.json", "plots.png", "report.md",
+    c = Eval(num_prompts=3, n=2, max_new_tokens=16)
+    out = str(tmp_path / "eval")
+    results = compare({"start": hf_tiny[0], "sft": run_dir}, c, out)
+    assert sorted(os.listdir(out)) == ["metrics.json", "plots.png", "report.md",
                                          "responses_sft.jsonl", "responses_start.jsonl"]
-    rows = [json.loads(line) for line in open(os.path.join(c.out, "responses_sft.jsonl"))]
+    rows = [json.loads(line) for line in open(os.path.join(out, "responses_sft.jsonl"))]
     assert len(rows) == 3 * 2
     for row in rows:
         for key in ("id", "sample", "prompt", "response", "thinking", "answer", "finish_reason",
@@ -114,8 +115,8 @@ def test_eval_writes_documented_files(run_dir, hf_tiny, tmp_path):
         if row["task_type"] == "writing":
             assert row["reference_ppl"] > 1.0 and 0.0 <= row["reward"] <= 1.0
     assert set(results) == {"start", "sft"}
-    assert json.load(open(os.path.join(c.out, "metrics.json")))["sft"]["responses"] == 6
-    report = open(os.path.join(c.out, "report.md")).read()
+    assert json.load(open(os.path.join(out, "metrics.json")))["sft"]["responses"] == 6
+    report = open(os.path.join(out, "report.md")).read()
     assert "| metric | start | sft |" in report and "| reference_ppl |" in report
 
 
@@ -124,9 +125,7 @@ def test_benchmark_shaped_prompt_files(tmp_path):
     path.write_text('{"query": "Write a poem.", "input": "About rain."}\n'
                     '{"instruction": "Write a letter.", "answer": "Dear friend"}\n'
                     '{"prompt": "Essay on owls", "id": "x7"}\n')
-    c = default_config()
-    c.prompts = str(path)
-    c.num_prompts = 0
+    c = from_config(Eval, to_config(Eval(prompts=str(path))))
     rows = load_prompts(c)
     assert [r["prompt"] for r in rows] == ["Write a poem.\n\nAbout rain.", "Write a letter.",
                                            "Essay on owls"]

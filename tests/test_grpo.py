@@ -17,25 +17,27 @@ import numpy as np
 import pytest
 
 from opera_jax import make_mesh
+from opera_jax.checkpoint import Preempted
+from opera_jax.cli import check_overrides, load_config_file
+from opera_jax.config.build import abstract_params, checkpoint_params, load_params
+from opera_jax.config.parse import ConfigError
+from opera_jax.config.runs import parse
 from opera_jax.data.jsonl import write_jsonl
 from opera_jax.data.toy_domain import prompt_rows
 from opera_jax.train import grpo
-from opera_jax.train.__main__ import dispatch
-from opera_jax.train.cli import check_overrides, load_config_file
 from opera_jax.train.metrics import read_metrics
-from opera_jax.train.state import abstract_params, load_params
 
 CONFIG = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "grpo_tiny.py")
 TIMING = ("time/", "throughput/", "tokens_per_s", "mfu/")
 
 
-def pulse_config(workdir, data, hf_dir, steps=3):
+def pulse_config(workdir, data, hf_dir, steps=3, **overrides):
+    """The tiny GRPO run; `overrides` are dotted keys ("validation.every") -> values."""
     c = load_config_file(CONFIG)
     c.workdir = str(workdir)
     c.model.hf_dir = hf_dir
     c.mesh.num_devices = 1
     c.data.path = data
-    c.data.write_toy_rows = 0
     c.data.num_threads = 0
     c.rollout.num_prompts = 4
     c.rollout.n = 4
@@ -44,7 +46,10 @@ def pulse_config(workdir, data, hf_dir, steps=3):
     c.validation.every = 2
     c.validation.num_prompts = 4
     c.checkpoint.every = 100  # only the last step (or the interruption) is saved
-    return c
+    for key, value in overrides.items():
+        section, name = key.rsplit(".", 1)
+        c[section][name] = value
+    return parse(c)
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +83,11 @@ def test_pulse_logs_finite_metrics_and_changes_the_parameters(runs):
         assert 0 <= r["reward/rank"] <= 1 and r["response/len"] > 0
         assert r["time/rollout_s"] > 0 and r["time/reward_s"] > 0 and r["time/update_s"] > 0
         assert r["throughput/rollout_tokens_per_s"] > 0
-    assert train_rows[0]["lr"] < train_rows[-1]["lr"] == pytest.approx(config.optim.lr)
-    # starts at the reference: only step 1's second update sees a moved policy
-    assert 0 < train_rows[0]["kl"] < train_rows[-1]["kl"]
+    # the published warm-up starts at lr 0 (the first update does not move the policy)
+    assert train_rows[0]["lr"] == 0.0
+    assert train_rows[-1]["lr"] == pytest.approx(config.grpo.optim.lr)
+    # step 1 runs at the reference (lr 0, then lr / 2 after the step's last update)
+    assert train_rows[0]["kl"] < 1e-8 < train_rows[-1]["kl"]
     # validation before the first step, at step 2 and at the last step
     assert [r["step"] for r in whole if "val_reward/mean" in r] == [0, 2, 3]
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
@@ -114,16 +121,15 @@ def test_init_from_an_orbax_checkpoint_reads_its_params(runs):
     config = runs["config"]
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     _, abstract = abstract_params(config.model, mesh)
-    params = grpo.source_params(config.model, mesh, abstract,
-                                checkpoint=str(runs["tmp"] / "whole"))
+    params = checkpoint_params(str(runs["tmp"] / "whole"), abstract)
     jax.tree.map(np.testing.assert_array_equal, params, runs["final"].params)
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        grpo.source_params(config.model, mesh, abstract, checkpoint=str(runs["tmp"] / "none"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        checkpoint_params(str(runs["tmp"] / "none"), abstract)
 
 
 def test_sigterm_saves_a_checkpoint_that_resumes(runs):
-    c = pulse_config(runs["tmp"] / "sigterm", runs["data"], runs["hf_dir"], steps=6)
-    c.validation.every = 0
+    c = pulse_config(runs["tmp"] / "sigterm", runs["data"], runs["hf_dir"], steps=6,
+                     **{"validation.every": None})
     metrics = os.path.join(c.workdir, "metrics.jsonl")
 
     def send_sigterm_after_step_1():
@@ -139,7 +145,8 @@ def test_sigterm_saves_a_checkpoint_that_resumes(runs):
     try:
         sender = threading.Thread(target=send_sigterm_after_step_1)
         sender.start()
-        grpo.train(c)
+        with pytest.raises(Preempted, match="rerun to resume"):
+            grpo.train(c)
         sender.join()
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -152,26 +159,25 @@ def test_sigterm_saves_a_checkpoint_that_resumes(runs):
     assert "6" in os.listdir(os.path.join(c.workdir, "checkpoints"))
 
 
-def test_stage_dispatch_and_unknown_keys():
+def test_unknown_keys_and_stages_are_named():
     config = load_config_file(CONFIG)
     assert check_overrides(config, ["--config.rollout.n=8", "--config.loss.kl_coef=0"]) is None
     assert check_overrides(config, ["--config.rollout.G=8"]).startswith(
-        "unknown config key 'rollout.G'; valid keys under 'rollout': max_new_tokens, n,")
+        "unknown config key 'rollout.G'; valid keys under 'rollout': max_new_tokens, "
+        "max_prompt_len, n,")
     config.stage = "dpo"
-    with pytest.raises(ValueError, match="known stages: pipeline, sft, grpo"):
-        dispatch(config)
+    with pytest.raises(ConfigError, match="config.stage='dpo' is not one of: pipeline, synth"):
+        parse(config)
 
 
 @pytest.mark.slow
 def test_sharded_bf16_remat_accumulated_run(runs):
     """8 fake devices (fsdp), bf16 compute (old log-probs recomputed), remat, 2 micro-batches,
     the reference as scorer: the first update is on-policy and starts at the reference."""
-    c = pulse_config(runs["tmp"] / "sharded", runs["data"], runs["hf_dir"], steps=2)
-    c.mesh.num_devices = -1
-    c.model.dtype, c.model.remat = "bfloat16", True
-    c.grpo.num_minibatches, c.grpo.grad_accum = 1, 2
-    c.reward.scorer = "reference"
-    c.validation.every = 0
+    c = pulse_config(runs["tmp"] / "sharded", runs["data"], runs["hf_dir"], steps=2,
+                     **{"mesh.num_devices": None, "model.dtype": "bfloat16", "model.remat": True,
+                        "grpo.num_minibatches": 1, "grpo.grad_accum": 2,
+                        "reward.scorer": "reference", "validation.every": None})
     grpo.train(c)
     rows = read_metrics(c.workdir)
     assert [r["step"] for r in rows] == [1, 2]

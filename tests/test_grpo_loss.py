@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from opera_jax.train.grpo_loss import GRPOLossConfig, group_advantages, grpo_loss, low_var_kl
+from opera_jax.config.sections import Loss
+from opera_jax.train.grpo_loss import group_advantages, grpo_loss, low_var_kl
 
 
 def test_advantages_by_hand():
@@ -30,7 +31,7 @@ def _loss(logp, old, adv, mask=None, ref=None, **cfg):
     mask = jnp.ones_like(logp) if mask is None else jnp.asarray(mask, jnp.float32)[None]
     ref = None if ref is None else jnp.asarray(ref, jnp.float32)[None]
     return grpo_loss(logp, old, ref, jnp.asarray([adv], jnp.float32), mask,
-                     GRPOLossConfig(**cfg))
+                     Loss(**cfg))
 
 
 def test_clip_positive_advantage():
@@ -75,12 +76,12 @@ def test_token_mean_vs_seq_mean_with_masks():
     logp = jnp.zeros((2, 4))
     mask = jnp.asarray([[1, 1, 1, 0], [0, 1, 0, 0]], jnp.float32)
     adv = jnp.asarray([1.0, -2.0])
-    tok, _ = grpo_loss(logp, logp, None, adv, mask, GRPOLossConfig(kl_coef=0.0))
+    tok, _ = grpo_loss(logp, logp, None, adv, mask, Loss(kl_coef=0.0))
     assert float(tok) == pytest.approx((3 * -1 + 2) / 4)
-    seq, _ = grpo_loss(logp, logp, None, adv, mask, GRPOLossConfig(kl_coef=0.0, aggregation="seq_mean"))
+    seq, _ = grpo_loss(logp, logp, None, adv, mask, Loss(kl_coef=0.0, aggregation="seq_mean"))
     assert float(seq) == pytest.approx((-1 + 2) / 2)
     # masked positions carry no gradient
-    g = jax.grad(lambda lp: grpo_loss(lp, logp, None, adv, mask, GRPOLossConfig(kl_coef=0.0))[0])(logp)
+    g = jax.grad(lambda lp: grpo_loss(lp, logp, None, adv, mask, Loss(kl_coef=0.0))[0])(logp)
     assert np.all(np.asarray(g)[np.asarray(mask) == 0] == 0)
     # d loss / d logp at ratio 1 for A = 1 is -A / n_tokens
     assert float(g[0, 0]) == pytest.approx(-1 / 4)
@@ -88,6 +89,7 @@ def test_token_mean_vs_seq_mean_with_masks():
 
 def test_bad_config():
     with pytest.raises(ValueError, match="dual_clip must be > 1"):
-        GRPOLossConfig(dual_clip=1.0)
-    with pytest.raises(ValueError, match="aggregation"):
-        GRPOLossConfig(aggregation="sum")
+        Loss(dual_clip=1.0)
+    with pytest.raises(ValueError, match="loss.aggregation='sum' is not one of: token_mean, "
+                       "seq_mean"):
+        Loss(aggregation="sum")

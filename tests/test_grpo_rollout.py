@@ -6,7 +6,6 @@ import json
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -16,9 +15,16 @@ from opera_jax import Qwen3Config, init_model, make_mesh
 from opera_jax.data.toy_domain import prompt_rows
 from opera_jax.sampling import Sampler
 from opera_jax.tokenizer import load_tokenizer, special_token_ids
-from opera_jax.train import grpo, plots, rollout
-from opera_jax.train.grpo_loss import GRPOLossConfig
-from opera_jax.train.state import TrainState, abstract_params, load_params
+from opera_jax.config.build import abstract_params, load_params
+from opera_jax.config.parse import ConfigError
+from opera_jax.config.runs import parse
+from opera_jax.config.setups import grpo_tiny
+from opera_jax.config.sections import Loss, Model
+from opera_jax.data.pipeline import TokenizePrompt
+from opera_jax.reward.segments import keyword_regex
+from opera_jax.rollout.batch import sample_rollout
+from opera_jax.train import grpo, plots
+from opera_jax.train.state import TrainState
 
 N, NEW, SEQ = 2, 24, 96
 
@@ -31,9 +37,9 @@ def setup():
     params = nnx.to_pure_dict(params)
     ids = special_token_ids(tok)
     sampler = Sampler(model, eos_ids=[ids["eos"]], pad_id=ids["pad"])
-    tokenize = rollout.TokenizePrompt(tok, max_prompt_len=SEQ - NEW)
+    tokenize = TokenizePrompt(tok, max_prompt_len=SEQ - NEW)
     rows = [tokenize(r) for r in prompt_rows(4, seed=5)]
-    ro = rollout.sample_rollout(sampler, rows, n=N, seq_len=SEQ, max_new_tokens=NEW, seed=11)
+    ro = sample_rollout(sampler, rows, n=N, seq_len=SEQ, max_new_tokens=NEW, seed=11)
     return tok, graphdef, params, sampler, rows, ro
 
 
@@ -59,7 +65,7 @@ def test_rollout_layout(setup):
 
 def test_chunked_rollout_keeps_the_row_layout(setup):
     _, _, _, sampler, rows, ro = setup
-    chunked = rollout.sample_rollout(sampler, rows, n=N, seq_len=SEQ, max_new_tokens=NEW,
+    chunked = sample_rollout(sampler, rows, n=N, seq_len=SEQ, max_new_tokens=NEW,
                                      seed=11, prompts_per_call=2)
     assert chunked.tokens.shape == ro.tokens.shape
     np.testing.assert_array_equal(chunked.group_ids, ro.group_ids)
@@ -92,7 +98,7 @@ def test_first_update_is_on_policy(setup):
     _, graphdef, params, _, _, ro = setup
     tx = optax.sgd(0.0)
     step = grpo.make_update_step(graphdef, tx, lambda s: 0.0, num_minibatches=1, grad_accum=1,
-                                 chunk_size=64, loss_config=GRPOLossConfig(kl_coef=0.0))
+                                 chunk_size=64, loss_config=Loss(kl_coef=0.0))
     adv = np.array([1.0, -1.0, 0.5, -0.5, 2.0, -2.0, 0.0, 0.0], np.float32)
     _, m = jax.jit(step)(_state(params, tx), _batch(ro, adv))
     assert abs(float(m["ratio_mean"]) - 1.0) < 1e-4
@@ -114,7 +120,7 @@ def test_gradient_accumulation_gives_the_mini_batch_gradient(setup, aggregation)
         on = np.flatnonzero(mask[r])
         mask[r, on[3:]] = 0
     adv = np.array([1.5, -1.0, 0.5, -0.5, 2.0, -2.0, 0.3, -0.3], np.float32)
-    config = GRPOLossConfig(kl_coef=0.0, aggregation=aggregation)
+    config = Loss(kl_coef=0.0, aggregation=aggregation)
     tx = optax.sgd(1.0)
     moved = []
     for accum in (1, 4):
@@ -131,7 +137,7 @@ def test_gradient_accumulation_gives_the_mini_batch_gradient(setup, aggregation)
 
 
 def test_guiding_words_are_whole_words_counted_once():
-    pattern = rollout.keyword_pattern(("But", "Wait", "Hmm", "However", "Wait a minute"))
+    pattern = keyword_regex(("But", "Wait", "Hmm", "However", "Wait a minute"))
     text = "Wait a  minute, an attribute. but BUT however! Hmmm. Wait."
     assert pattern.findall(text) == ["Wait a  minute", "but", "BUT", "however", "Wait"]
 
@@ -152,25 +158,23 @@ def test_reward_plot_keeps_the_last_row_of_each_step(tmp_path):
 
 
 def test_config_checks_name_the_numbers():
-    config = ml_collections.ConfigDict({
-        "stage": "grpo", "rollout": {"num_prompts": 3, "n": 2, "old_logprobs": "auto"},
-        "grpo": {"num_minibatches": 4, "grad_accum": 1}})
+    c = grpo_tiny()
+    c.rollout.num_prompts, c.rollout.n, c.grpo.num_minibatches = 3, 2, 4
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1),
                              ("data", "fsdp", "tensor"))
     with pytest.raises(ValueError, match="6 responses per step"):
-        grpo.check_config(config, mesh)
-    config.grpo.num_minibatches = 3
-    grpo.check_config(config, mesh)
-    config.rollout.old_logprobs = "cached"
-    with pytest.raises(ValueError, match="cached"):
-        grpo.check_config(config, mesh)
+        grpo.check_config(parse(c), mesh)
+    c.grpo.num_minibatches = 3
+    grpo.check_config(parse(c), mesh)
+    c.grpo.old_logprobs = "cached"
+    with pytest.raises(ConfigError, match="config.grpo.old_logprobs='cached' is not one of: "
+                       "auto, sampler, recompute"):
+        parse(c)
 
 
 def test_rollout_reads_the_training_arrays_without_a_copy():
     """What train() does each step: the sampler gets the state's sharded params re-wrapped."""
-    model = ml_collections.ConfigDict(dict(hf_dir="", preset="tiny", init_seed=0,
-                                           dtype="float32", param_dtype="float32", remat=False,
-                                           attention_impl=""))
+    model = Model(preset="tiny")
     mesh = make_mesh(1, -1, 1)  # the 8 fake devices, fsdp
     graphdef, _ = abstract_params(model, mesh)
     params = load_params(model, mesh)

@@ -171,3 +171,23 @@ def test_non_finite_lp_names_the_sample(tok):
     model.embed_tokens[...] = model.embed_tokens[...].at[only_in_2].set(jnp.nan)
     with pytest.raises(FloatingPointError, match=r"sample 2 \(group 1\): LP under c_full"):
         score_texts(model, tok, PROMPTS, RESPONSES, REFERENCES, GROUPS, config=CONFIG)
+
+
+@pytest.mark.parametrize("lp_impl", ["kernel", "naive"])
+def test_identical_responses_tie_exactly_in_any_scoring_batch(model, tok, lp_impl):
+    """Copies of one response in a group of 8 (A×4, B×2, C×2, interleaved) get the same LP and
+    reward whatever scoring batch each copy lands in, so the rank's ties hold: a copy ranks by
+    the responses strictly below it."""
+    a, b, c = RESPONSES[0], RESPONSES[1], "<think>\nRain.\n\nBut sun.\n</think>\n\nSun."
+    responses = [a, b, a, c, a, b, c, a]
+    for batch_size in (1, 2, 3, 8):
+        config = RewardConfig(min_bucket=128, batch_size=batch_size, lp_impl=lp_impl)
+        out = score_texts(model, tok, [PROMPTS[0]] * 8, responses, [REFERENCES[0]] * 8,
+                          [0] * 8, config=config)
+        for text in (a, b, c):
+            same = [i for i, y in enumerate(responses) if y == text]
+            for key in ("lp_full", "lp_initial", "reward", "rank_score"):
+                assert len({float(out[key][i]) for i in same}) == 1, (batch_size, key)
+        lp = {y: float(out.lp_full[responses.index(y)]) for y in (a, b, c)}
+        want = [sum(lp[z] < lp[y] for z in responses) / 7 for y in responses]
+        np.testing.assert_array_equal(out.rank_score, np.asarray(want, np.float32))

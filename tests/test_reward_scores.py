@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from opera_jax.reward import (KeywordMatch, RewardConfig, Scorer, has_keyword, last_boxed,
-                              math_reward, parse_think_block, rank_scores, reflection_count,
+                              math_reward, parse_think_block, published_math_reward,
+                              rank_scores, reflection_count,
                               reflection_score)
 
 # ---- rank -------------------------------------------------------------------------------------
@@ -85,6 +86,25 @@ def test_wait_a_minute_counts_once():
 ])
 def test_math_reward(response, reference, expected):
     assert math_reward(response, reference) == expected
+
+
+@pytest.mark.parametrize("response,reference,ours,published", [
+    # nested braces: the published regex stops at the first "}"
+    ("<think>\nx\n</think>\n\\boxed{\\frac{1}{2}}", "\\frac{1}{2}", 1.0, 0.0),
+    # no \boxed: the published check compares the whole answer text
+    ("<think>\nx\n</think>\n 42 ", "42", 0.0, 1.0),
+    # an unclosed think block is answer text to the published check
+    ("<think>\nso \\boxed{42}", "42", 0.0, 1.0),
+    # every think block is removed, not only the first; a box inside one does not count
+    ("<think>a</think>\\boxed{1}<think>\\boxed{2}</think>", "1", 0.0, 1.0),
+    # the regex does not cross a newline: the box is missed, the whole text is compared
+    ("<think>\nx\n</think>\\boxed{4\n2}", "4\n2", 1.0, 0.0),
+    ("<think>\nx\n</think>\nSo \\boxed{42}.", "42", 1.0, 1.0),
+])
+def test_published_math_check_differs_where_the_method_notes_say(response, reference, ours,
+                                                                 published):
+    assert math_reward(response, reference) == ours
+    assert published_math_reward(response, reference) == published
 
 
 def test_last_boxed():

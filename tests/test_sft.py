@@ -11,9 +11,10 @@ import shutil
 
 import pytest
 
+from opera_jax.cli import check_overrides, load_config_file
+from opera_jax.config.runs import parse
 from opera_jax.data.jsonl import write_jsonl
 from opera_jax.data.toy_domain import examples
-from opera_jax.train.cli import check_overrides, load_config_file
 from opera_jax.train.metrics import read_metrics
 from opera_jax.train.sft import train
 
@@ -28,8 +29,7 @@ def pulse_config(workdir, data, hf_dir):
     c.model.dtype = "float32"
     c.mesh.num_devices = 1
     c.data.path = data
-    c.data.write_toy_rows = 0
-    c.data.seq_len = 256
+    c.sft.seq_len = 256
     c.data.num_threads = 0
     c.sft.steps = STEPS
     c.sft.batch_size = 4
@@ -41,9 +41,10 @@ def pulse_config(workdir, data, hf_dir):
 def runs(tmp_path_factory, hf_tiny):
     tmp = tmp_path_factory.mktemp("sft_pulse")
     data = write_jsonl(tmp / "toy.jsonl", examples(64, seed=0))
-    train(pulse_config(tmp / "whole", data, hf_tiny[0]))
+    train(parse(pulse_config(tmp / "whole", data, hf_tiny[0])))
     parts = pulse_config(tmp / "parts", data, hf_tiny[0])
     parts.checkpoint.every = 3
+    parts = parse(parts)
     # Runs steps 1-4 and "crashes" before step 4's checkpoint is kept: the step-3 save is
     # asynchronous and step 4 donates the saved buffers, so this also checks the save is safe.
     train(parts, stop_after=4)
@@ -65,12 +66,13 @@ def test_loss_falls_from_uniform(runs):
 def test_resume_from_step_3_gives_the_uninterrupted_steps_4_and_5(runs):
     tmp, whole, first, parts = runs
     assert [r["step"] for r in first] == [1, 2, 3, 4]
-    assert [r["step"] for r in parts] == [1, 2, 3, 4, 4, 5]  # metrics.jsonl is appended to
-    for resumed, want in ((parts[4], whole[3]), (parts[5], whole[4])):
+    # the resumed run dropped the rows after its checkpoint (step 4) and wrote them again
+    assert [r["step"] for r in parts] == [1, 2, 3, 4, 5]
+    for resumed, want in ((parts[3], whole[3]), (parts[4], whole[4])):
         for key in ("loss", "grad_norm", "lr", "loss_tokens"):
             assert resumed[key] == pytest.approx(want[key], rel=1e-6), key
     # consecutive steps differ, so the equality is not an accident of the data
-    assert all(abs(parts[4]["loss"] - r["loss"]) > 1e-3 for r in first[:3])
+    assert all(abs(parts[3]["loss"] - r["loss"]) > 1e-3 for r in first[:3])
     assert sorted(os.listdir(tmp / "parts" / "checkpoints")) == ["3", "5"]
     assert sorted(os.listdir(tmp / "whole" / "checkpoints")) == [str(STEPS)]
 
@@ -80,6 +82,6 @@ def test_unknown_override_lists_the_valid_keys():
     assert check_overrides(config, ["--config=x.py", "--config.sft.steps=3"]) is None
     assert check_overrides(config, ["--config.sft.stepz=3"]) == (
         "unknown config key 'sft.stepz'; valid keys under 'sft': "
-        "batch_size, chunk_size, grad_accum, log_every, steps")
+        "batch_size, chunk_size, grad_accum, log_every, optim, overlong, packing, seq_len, steps")
     assert check_overrides(config, ["--config.nope=1"]).startswith(
         "unknown config key 'nope'; valid keys under 'the config': checkpoint, data, mesh")

@@ -1,6 +1,7 @@
 """The jitted SFT step: sharded over 8 fake devices with 2 micro-batches == one device, one
 batch; traced once across different batches."""
 
+import dataclasses
 import os
 
 import jax
@@ -12,9 +13,12 @@ from opera_jax import make_mesh
 from opera_jax import sharding as sh
 from opera_jax.data.pipeline import sft_batches
 from opera_jax.data.toy_domain import examples
+from opera_jax.cli import load_config_file
+from opera_jax.config import build
+from opera_jax.config.runs import parse
+from opera_jax.config.sections import Dtype
 from opera_jax.tokenizer import load_tokenizer
 from opera_jax.train import state as state_lib
-from opera_jax.train.cli import load_config_file
 from opera_jax.train.sft import check_config, make_train_step
 
 CONFIG = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "sft_tiny.py")
@@ -26,7 +30,7 @@ def config(hf_tiny):
     c = load_config_file(CONFIG)
     c.model.hf_dir = hf_tiny[0]
     c.model.dtype = "float32"
-    return c
+    return parse(c)
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +43,10 @@ def batches():
 
 def run_steps(config, mesh, grad_accum, batches):
     """Two steps on `mesh`; returns (final params on host, metrics per step, trace count)."""
-    graphdef, params_abstract = state_lib.abstract_params(config.model, mesh)
-    tx, schedule = state_lib.make_optimizer(config.optim, total_steps=10)
+    graphdef, params_abstract = build.abstract_params(config.model, mesh)
+    tx, schedule = state_lib.make_optimizer(config.sft.optim, total_updates=10)
     abstract = state_lib.abstract_state(params_abstract, tx, mesh)
-    state = state_lib.init_state(state_lib.load_params(config.model, mesh), tx, abstract, seed=0)
+    state = state_lib.init_state(build.load_params(config.model, mesh), tx, abstract, seed=0)
     fn = make_train_step(graphdef, tx, schedule, grad_accum=grad_accum, chunk_size=64)
     traces = []
 
@@ -81,18 +85,18 @@ def test_sharded_accumulated_step_matches_single_device(config, batches):
 
 
 def test_batch_the_mesh_cannot_split_is_refused(config):
-    config = config.copy_and_resolve_references()
-    config.sft.batch_size, config.sft.grad_accum = 8, 4  # micro-batch of 2 rows on 4 shards
+    # micro-batch of 2 rows on 4 shards
+    config = dataclasses.replace(config, sft=dataclasses.replace(config.sft, batch_size=8,
+                                                                 grad_accum=4))
     with pytest.raises(ValueError, match="batch_size 8 / sft.grad_accum 4 .* mesh size 4"):
         check_config(config, make_mesh(2, 2, 2))
 
 
 def test_bf16_compute_keeps_float32_master_weights_and_moments(config):
-    c = config.copy_and_resolve_references()
-    c.model.dtype, c.model.param_dtype = "bfloat16", "float32"
+    model = dataclasses.replace(config.model, dtype=Dtype.BFLOAT16, param_dtype=Dtype.FLOAT32)
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    graphdef, params = state_lib.abstract_params(c.model, mesh)
-    tx, _ = state_lib.make_optimizer(c.optim, total_steps=10)
+    graphdef, params = build.abstract_params(model, mesh)
+    tx, _ = state_lib.make_optimizer(config.sft.optim, total_updates=10)
     abstract = state_lib.abstract_state(params, tx, mesh)
     adam = abstract.opt_state[1][0]
     leaves = jax.tree.leaves(abstract.params) + jax.tree.leaves((adam.mu, adam.nu))

@@ -26,9 +26,11 @@ from opera_jax import Qwen3Config, init_model
 from opera_jax.data import toy_domain
 from opera_jax.data.jsonl import BadRowError
 from opera_jax.sampling import FinishReason
+from opera_jax.cli import load_config_file
+from opera_jax.config.runs import parse
+from opera_jax.sampling import Sampler
 from opera_jax.synth import Phase, read_records, stop_strings, synthesize
 from opera_jax.tokenizer import encode, load_tokenizer
-from opera_jax.train.cli import load_config_file
 
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "configs",
                       "synth_tiny.py")
@@ -63,10 +65,9 @@ def teacher(tok):
 
 def make_config(tmp_path, name, **synth):
     c = load_config_file(CONFIG)
-    c.output = str(tmp_path / f"{name}.jsonl")
-    c.input = str(tmp_path / "prompts.jsonl")
-    c.write_toy_prompts = 0
-    c.progress = False
+    c.workdir = str(tmp_path / name)
+    c.data.path = str(tmp_path / "prompts.jsonl")
+    c.synth.progress = False
     c.synth.guiding_words = WORDS
     c.synth.num_candidates = 3
     c.synth.max_states = 4
@@ -78,6 +79,11 @@ def make_config(tmp_path, name, **synth):
     for k, v in synth.items():
         c.synth[k] = v
     return c
+
+
+def out(c):
+    """The records file of a synthesis config."""
+    return os.path.join(c.workdir, "records.jsonl")
 
 
 def write_prompts(path, rows, bad=()):
@@ -96,15 +102,13 @@ def main_run(tmp_path_factory, tok, teacher):
                   bad=[(2, '{"id": "x", "prompt": '), (5, json.dumps({"id": "y", "prompt": "p"}))])
     config = make_config(tmp, "main")
     events = []
-    summary = synthesize(config, teacher=(teacher, tok), on_event=events.append)
-    return config, summary, events, read_records(config.output)
+    summary = synthesize(parse(config), teacher=(teacher, tok), on_event=events.append)
+    return config, summary, events, read_records(out(config))
 
 
 def test_row_seeds_make_a_row_independent_of_its_batch(tok, teacher):
     """The sampler extension synthesis relies on: a row's draws follow its own seed."""
-    from opera_jax.synth import make_sampler
-
-    sampler = make_sampler(teacher, tok)
+    sampler = Sampler.for_tokenizer(teacher, tok)
     a, b = encode(tok, "Write a poem."), encode(tok, "Hmm, a much longer prompt about a fox.")
     kw = dict(max_new_tokens=16, temperature=1.0, seed=3)
     alone = sampler.sample([a], row_seeds=[77], **kw)
@@ -128,7 +132,7 @@ def test_records_and_summary(main_run):
         assert all(len(x) == 2 for x in r["rejected_ppls"])  # B - 1
         assert r["teacher"] == "preset:tiny@0" and r["config_hash"] == summary["config_hash"]
         assert r["think_end"] in ("close", "eos", "budget")
-    assert os.path.exists(config.output + ".summary.json")
+    assert os.path.exists(out(config) + ".summary.json")
 
 
 def test_reflective_states_stop_at_guiding_words(main_run, tok):
@@ -189,8 +193,8 @@ def test_state_cap_holds_then_the_teacher_finishes(tmp_path, tok):
     write_prompts(tmp_path / "prompts.jsonl", toy_domain.prompt_rows(3, seed=5))
     config = make_config(tmp_path, "cap", max_states=2, max_thinking_tokens=48)
     events = []
-    synthesize(config, teacher=(always, tok), on_event=events.append)
-    records = read_records(config.output)
+    synthesize(parse(config), teacher=(always, tok), on_event=events.append)
+    records = read_records(out(config))
     assert [r["reflection_count"] for r in records] == [2, 2, 2]
     for r in records:
         mine = [e for e in events if e.job_id == r["id"]]
@@ -206,20 +210,20 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, tok, teacher):
     write_prompts(tmp_path / "prompts.jsonl", toy_domain.prompt_rows(5, seed=7))
     # Uninterrupted, and as published: one prompt, one candidate at a time.
     full = make_config(tmp_path, "full", batch_prompts=1, batch_candidates=False)
-    synthesize(full, teacher=(teacher, tok))
+    synthesize(parse(full), teacher=(teacher, tok))
     # Batched, killed after 2 records mid-write, resumed with another batch size.
     part = make_config(tmp_path, "part", batch_prompts=3)
-    summary = synthesize(part, teacher=(teacher, tok), stop_after=2)
+    summary = synthesize(parse(part), teacher=(teacher, tok), stop_after=2)
     assert summary["written"] == 2
-    with open(part.output, "a", encoding="utf-8") as f:
+    with open(out(part), "a", encoding="utf-8") as f:
         f.write('{"id": "train-7-4", "prompt": "Wri')
     part.synth.batch_prompts = 2
     part.synth.rows_per_call = 4  # chunked calls: still the same records
-    summary = synthesize(part, teacher=(teacher, tok))
+    summary = synthesize(parse(part), teacher=(teacher, tok))
     assert (summary["already_done"], summary["written"]) == (2, 3)
 
-    want = {r["id"]: r for r in read_records(full.output)}
-    got = read_records(part.output)
+    want = {r["id"]: r for r in read_records(out(full))}
+    got = read_records(out(part))
     assert len(got) == len({r["id"] for r in got}) == 5  # no duplicates
     assert any(r["reflection_count"] for r in got)
     for r in got:
@@ -235,12 +239,12 @@ def test_malformed_rows_name_the_line(tmp_path, tok, teacher, main_run, caplog):
     rows = toy_domain.prompt_rows(2, seed=3)
     write_prompts(tmp_path / "prompts.jsonl", rows, bad=[(2, '{"id": "x"}')])
     config = make_config(tmp_path, "bad")
-    config.on_bad_row = "raise"
+    config.data.on_bad_row = "raise"
     with pytest.raises(BadRowError, match=r"prompts.jsonl:2: missing field 'prompt'"):
-        synthesize(config, teacher=(teacher, tok))
-    config.on_bad_row = "skip"
+        synthesize(parse(config), teacher=(teacher, tok))
+    config.data.on_bad_row = "skip"
     with caplog.at_level(logging.WARNING):
-        summary = synthesize(config, teacher=(teacher, tok), stop_after=1)
+        summary = synthesize(parse(config), teacher=(teacher, tok), stop_after=1)
     assert "prompts.jsonl:2: missing field 'prompt'; skipping the row" in caplog.text
     assert summary["skipped_rows"] == 1 and summary["written"] == 1
 
@@ -250,16 +254,15 @@ def test_cli_runs_and_rejects_unknown_keys(tmp_path):
     import subprocess
     import sys
 
-    args = [sys.executable, "-m", "opera_jax.synthesize", f"--config={CONFIG}",
-            f"--config.output={tmp_path / 'out.jsonl'}",
-            f"--config.input={tmp_path / 'prompts.jsonl'}",
-            "--config.write_toy_prompts=3", "--config.progress=False",
+    args = [sys.executable, "-m", "opera_jax.train", f"--config={CONFIG}",
+            f"--config.workdir={tmp_path / 'out'}", "--config.data.path=toy:prompts:3",
+            "--config.synth.progress=False",
             "--config.synth.max_thinking_tokens=32", "--config.synth.max_answer_tokens=16"]
     done = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    summary = json.loads(done.stdout[done.stdout.index("{"):])
-    assert summary["written"] == 3
-    assert len(read_records(tmp_path / "out.jsonl")) == 3
+    with open(tmp_path / "out" / "records.jsonl.summary.json") as f:
+        assert json.loads(f.read())["written"] == 3
+    assert len(read_records(tmp_path / "out" / "records.jsonl")) == 3
     bad = subprocess.run(args + ["--config.synth.num_candidatez=2"], capture_output=True,
                          text=True, timeout=600)
     assert bad.returncode == 2 and "unknown config key 'synth.num_candidatez'" in bad.stderr
@@ -269,11 +272,11 @@ def test_cli_runs_and_rejects_unknown_keys(tmp_path):
 def test_sharded_teacher_gives_the_same_records(tmp_path, tok, teacher):
     write_prompts(tmp_path / "prompts.jsonl", toy_domain.prompt_rows(3, seed=9))
     one = make_config(tmp_path, "one")
-    synthesize(one, teacher=(teacher, tok))
+    synthesize(parse(one), teacher=(teacher, tok))
     mesh = make_config(tmp_path, "mesh")
-    mesh.mesh.num_devices, mesh.mesh.data, mesh.mesh.fsdp, mesh.mesh.tensor = -1, 2, 2, 2
-    synthesize(mesh, teacher=(teacher, tok))
-    want, got = read_records(one.output), read_records(mesh.output)
+    mesh.mesh.num_devices, mesh.mesh.data, mesh.mesh.fsdp, mesh.mesh.tensor = None, 2, 2, 2
+    synthesize(parse(mesh), teacher=(teacher, tok))
+    want, got = read_records(out(one)), read_records(out(mesh))
     assert [r["id"] for r in got] == [r["id"] for r in want]
     for r, w in zip(got, want):
         assert (r["thinking"], r["output"]) == (w["thinking"], w["output"])

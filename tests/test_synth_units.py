@@ -10,14 +10,14 @@ import os
 import pytest
 
 from opera_jax.sampling import Completion, FinishReason
-from opera_jax.synth import (Job, Phase, RecordWriter, Settings, config_hash, first_paragraph,
+import dataclasses
+
+from opera_jax.config.sections import Model, Synth as Settings
+from opera_jax.synth import (Job, Phase, RecordWriter, config_hash, first_paragraph,
                              perplexity, read_records, row_seed, stop_strings, wrap_prompt)
 from opera_jax.synth.job import StopSet
 from opera_jax.tokenizer import apply_chat_template, load_tokenizer
-from opera_jax.train.cli import load_config_file
 
-CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "configs",
-                      "synth_tiny.py")
 ROW = {"id": "p1", "prompt": "Write a short poem about a red fox near the river.",
        "reference": "A red fox.", "task_type": "writing"}
 
@@ -115,7 +115,7 @@ def test_job_walks_the_phases(tok):
                                        + f"<think>\n{thinking}\n</think>\n\n")
     published = Job(ROW, tok, Settings(after_think="\n"))
     published.thinking = thinking
-    assert published.answer_context().endswith(f"{thinking}\n</think>\n")
+    assert tok.decode(published.answer_context()).endswith(f"{thinking}\n</think>\n")
     job.advance(req, [comp("\n\nA red fox.", FinishReason.EOS)])
     rec = job.record()
     assert job.done and rec["thinking"] == thinking and rec["output"] == "A red fox."
@@ -163,16 +163,11 @@ def test_record_file_resumes_after_a_partial_line(tmp_path):
 
 
 def test_config_hash_ignores_batching_only():
-    base = load_config_file(CONFIG)
-    h = config_hash(base)
+    teacher, base = Model(), Settings()
+    h = config_hash(teacher, base)
     for key, value in [("batch_prompts", 1), ("batch_candidates", False), ("rows_per_call", 7),
-                       ("compact", False)]:
-        c = load_config_file(CONFIG)
-        c.synth[key] = value
-        assert config_hash(c) == h, key
-    c = load_config_file(CONFIG)
-    c.synth.temperature = 0.7
-    assert config_hash(c) != h
-    c = load_config_file(CONFIG)
-    c.teacher.hf_dir = "/ckpt/other"
-    assert config_hash(c) != h
+                       ("compact", False), ("progress", False)]:
+        assert config_hash(teacher, dataclasses.replace(base, **{key: value})) == h, key
+    assert config_hash(dataclasses.replace(teacher, attention_impl="xla"), base) == h
+    assert config_hash(teacher, dataclasses.replace(base, temperature=0.7)) != h
+    assert config_hash(dataclasses.replace(teacher, hf_dir="/ckpt/other"), base) != h

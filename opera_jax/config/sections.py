@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 
+from opera_jax.enums import coerce
 from opera_jax.model.attention import AttentionImpl
 from opera_jax.reward.config import GUIDING_WORDS
 
@@ -111,6 +112,10 @@ class Data:
     seed: int = 0                      # shuffle order (reshuffled every epoch) and toy rows
     num_threads: int = 2               # tokenising threads ahead of the loop (0 = inline)
     enable_thinking: bool = True       # the chat template's thinking switch
+    # Special-token strings ("<|im_end|>", "<think>") inside prompts, references and
+    # thinkings are plain text by default, so a row cannot forge a turn or a think block;
+    # True encodes them as the control tokens (data that means them).
+    special_tokens_in_text: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,7 +197,8 @@ class Loss:
     aggregation: Aggregation = Aggregation.TOKEN_MEAN
 
     def __post_init__(self):
-        object.__setattr__(self, "aggregation", Aggregation(self.aggregation))
+        object.__setattr__(self, "aggregation",
+                           coerce(Aggregation, self.aggregation, "loss.aggregation"))
         if self.dual_clip <= 1.0:
             raise ValueError(f"loss.dual_clip must be > 1, got {self.dual_clip}")
 
@@ -235,7 +241,7 @@ class Validation:
 
 @dataclasses.dataclass(frozen=True)
 class Synth:
-    """Cold-start synthesis (OPERA method §4; docs/METHOD.md §4)."""
+    """Cold-start synthesis (docs/METHOD.md §4)."""
 
     guiding_words: tuple[str, ...] = GUIDING_WORDS
     num_candidates: int = 4            # B per reflective state

@@ -33,6 +33,12 @@ SFT_FIELDS = ("prompt", "thinking", "output")
 _NAMED = 3
 
 
+class Rows(list):
+    """The valid rows of a read, with the number of bad ones that were skipped."""
+
+    bad: int = 0
+
+
 class BadRowError(ValueError):
     """A malformed JSONL row; the message starts with `path:line:`."""
 
@@ -62,7 +68,7 @@ def check_row(row: Any, required: Sequence[str]) -> str | None:
 
 
 def read_jsonl(path: str | os.PathLike, *, required: Sequence[str] = (),
-               on_error: OnBadRow | str = OnBadRow.RAISE) -> list[dict]:
+               on_error: OnBadRow | str = OnBadRow.RAISE) -> Rows:
     """Reads one JSONL file, validating every row.
 
     Args:
@@ -71,7 +77,8 @@ def read_jsonl(path: str | os.PathLike, *, required: Sequence[str] = (),
       on_error: `OnBadRow.RAISE` (or "raise") or `OnBadRow.SKIP` (or "skip").
 
     Returns:
-      The valid rows, in file order, each with `"_source": "path:line"` added.
+      The valid rows, in file order, each with `"_source": "path:line"` added (`.bad`: how
+      many bad rows were skipped).
 
     Raises:
       BadRowError: a bad row with `on_error=RAISE` (naming file and line), or no valid row.
@@ -79,7 +86,7 @@ def read_jsonl(path: str | os.PathLike, *, required: Sequence[str] = (),
     """
     on_error = OnBadRow(on_error)
     path = os.fspath(path)
-    rows, bad = [], 0
+    rows, bad = Rows(), 0
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             if not raw.strip():
@@ -104,6 +111,7 @@ def read_jsonl(path: str | os.PathLike, *, required: Sequence[str] = (),
         log.warning("%s: skipped %d bad of %d rows", path, bad, bad + len(rows))
     if not rows:
         raise BadRowError(path, 0, f"no valid rows ({bad} bad)")
+    rows.bad = bad
     return rows
 
 
@@ -127,10 +135,14 @@ def expand_paths(spec: str) -> list[str]:
 
 
 def read_jsonl_files(spec: str, *, required: Sequence[str] = (),
-                     on_error: OnBadRow | str = OnBadRow.RAISE) -> list[dict]:
+                     on_error: OnBadRow | str = OnBadRow.RAISE) -> Rows:
     """`read_jsonl` over every file of `expand_paths(spec)`, concatenated in order."""
-    return [row for path in expand_paths(spec)
-            for row in read_jsonl(path, required=required, on_error=on_error)]
+    out = Rows()
+    for path in expand_paths(spec):
+        rows = read_jsonl(path, required=required, on_error=on_error)
+        out.extend(rows)
+        out.bad += rows.bad
+    return out
 
 
 def write_jsonl(path: str | os.PathLike, rows) -> str:

@@ -26,7 +26,7 @@ import grain
 import numpy as np
 
 from opera_jax.config.sections import Overlong
-from opera_jax.tokenizer import apply_chat_template, encode, response_text
+from opera_jax.tokenizer import encode_prompt, encode_response
 
 BATCH_KEYS = ("tokens", "segment_ids", "positions", "loss_mask")
 
@@ -40,18 +40,23 @@ class TokenizeSFT:
       seq_len: T, the row length; longer examples follow `overlong`.
       overlong: `Overlong.DROP` or `Overlong.TRUNCATE` (config.sections.Overlong).
       enable_thinking: passed to the chat template.
+      special_tokens_in_text: encode special-token strings inside prompt, thinking and output
+        as control tokens (default: plain text; tokenizer.encode_text).
     """
 
     def __init__(self, tokenizer, *, eos_id: int, seq_len: int,
-                 overlong: Overlong | str = Overlong.DROP, enable_thinking: bool = True):
+                 overlong: Overlong | str = Overlong.DROP, enable_thinking: bool = True,
+                 special_tokens_in_text: bool = False):
         self.tokenizer, self.eos_id, self.seq_len = tokenizer, int(eos_id), int(seq_len)
         self.overlong = Overlong(overlong)
         self.enable_thinking = enable_thinking
+        self.special = special_tokens_in_text
 
     def __call__(self, row: dict) -> dict | None:
-        prompt = encode(self.tokenizer, apply_chat_template(
-            self.tokenizer, row["prompt"], enable_thinking=self.enable_thinking))
-        response = encode(self.tokenizer, response_text(row["thinking"], row["output"]))
+        prompt = encode_prompt(self.tokenizer, row["prompt"], enable_thinking=self.enable_thinking,
+                               special_tokens_in_text=self.special)
+        response = encode_response(self.tokenizer, row["thinking"], row["output"],
+                                   special_tokens_in_text=self.special)
         response.append(self.eos_id)
         tokens = np.asarray(prompt + response, np.int32)
         loss_mask = np.concatenate([np.zeros(len(prompt), np.int32),

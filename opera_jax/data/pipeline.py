@@ -27,6 +27,7 @@ import jax
 import numpy as np
 
 from opera_jax import tokenizer as tk
+from opera_jax.enums import coerce
 from opera_jax.data.packing import TokenizeSFT, batch_examples
 from opera_jax.reward.config import TaskType
 
@@ -112,7 +113,8 @@ def sft_batches(records: Sequence[dict], tokenizer, *, eos_id: int, pad_id: int,
                 overlong: str = "drop", enable_thinking: bool = True,
                 num_epochs: int | None = None, num_threads: int = 2,
                 process_index: int | None = None, process_count: int | None = None,
-                source: str = "the SFT data") -> grain.IterDataset:
+                source: str = "the SFT data",
+                special_tokens_in_text: bool = False) -> grain.IterDataset:
     """This host's SFT batches: dicts of int32 [B / hosts, T] numpy arrays.
 
     Args:
@@ -141,7 +143,8 @@ def sft_batches(records: Sequence[dict], tokenizer, *, eos_id: int, pad_id: int,
     ds = shuffled_source(records, seed=seed, num_epochs=num_epochs,
                          process_index=process_index, process_count=count)
     tokenize = TokenizeSFT(tokenizer, eos_id=eos_id, seq_len=seq_len, overlong=overlong,
-                           enable_thinking=enable_thinking)
+                           enable_thinking=enable_thinking,
+                           special_tokens_in_text=special_tokens_in_text)
     guard = CountDrops(tokenize, total=-(-len(records) // count), source=source,
                        reason=f"longer than seq_len={seq_len} tokens (overlong={overlong})")
     ds = ds.map(guard).filter(lambda ex: ex is not None)
@@ -158,31 +161,38 @@ class TokenizePrompt:
     """Prompt row (`prompt`, `reference`, optional `task_type`, `id`) → token ids.
 
     The prompt gets the chat template with the generation prompt (thinking on by default), as
-    the policy sees it; the reference is tokenised on its own. Prompts longer than
-    `max_prompt_len` tokens give None (dropped; `prompt_batches` counts them).
+    the policy sees it; the reference is tokenised on its own. Both are data: special-token
+    strings in them are plain text unless `special_tokens_in_text` (tokenizer.encode_prompt).
+    Prompts longer than `max_prompt_len` tokens give None (dropped; `prompt_batches` counts
+    them).
     """
 
-    def __init__(self, tokenizer, *, max_prompt_len: int, enable_thinking: bool = True):
+    def __init__(self, tokenizer, *, max_prompt_len: int, enable_thinking: bool = True,
+                 special_tokens_in_text: bool = False):
         self.tokenizer, self.max_prompt_len = tokenizer, max_prompt_len
         self.enable_thinking = enable_thinking
+        self.special = special_tokens_in_text
 
     def __call__(self, row: dict) -> dict | None:
-        text = tk.apply_chat_template(self.tokenizer, row["prompt"],
-                                      enable_thinking=self.enable_thinking)
-        ids = tk.encode(self.tokenizer, text)
+        ids = tk.encode_prompt(self.tokenizer, row["prompt"], enable_thinking=self.enable_thinking,
+                               special_tokens_in_text=self.special)
         if len(ids) > self.max_prompt_len:
             return None
+        reference = (tk.encode(self.tokenizer, row["reference"]) if self.special
+                     else tk.encode_text(self.tokenizer, row["reference"]))
         return {"id": str(row.get("id", "")), "prompt": row["prompt"],
                 "prompt_ids": np.asarray(ids, np.int32),
-                "reference_ids": np.asarray(tk.encode(self.tokenizer, row["reference"]),
-                                            np.int32),
-                "task_type": TaskType(row.get("task_type", "writing")).value}
+                "reference_ids": np.asarray(reference, np.int32),
+                "task_type": coerce(TaskType, row.get("task_type", "writing"),
+                                    f"{row.get('_source', 'row ' + str(row.get('id')))}: "
+                                    f"task_type").value}
 
 
 def prompt_batches(records: Sequence[dict], tokenizer, *, batch_size: int, seed: int,
                    max_prompt_len: int, enable_thinking: bool = True, shuffle: bool = True,
                    num_epochs: int | None = None, num_threads: int = 2,
-                   per_host: bool = True, source: str = "the prompt data") -> grain.IterDataset:
+                   per_host: bool = True, source: str = "the prompt data",
+                   special_tokens_in_text: bool = False) -> grain.IterDataset:
     """This host's prompt batches: lists of `TokenizePrompt` dicts, `batch_size / hosts` each;
     with `per_host=False` every host reads the same global batches of `batch_size` (GRPO's
     host-side sampling and reward work on the whole batch in every process).
@@ -196,7 +206,8 @@ def prompt_batches(records: Sequence[dict], tokenizer, *, batch_size: int, seed:
     ds = shuffled_source(records, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
                          **({} if per_host else dict(process_index=0, process_count=1)))
     tokenize = TokenizePrompt(tokenizer, max_prompt_len=max_prompt_len,
-                              enable_thinking=enable_thinking)
+                              enable_thinking=enable_thinking,
+                              special_tokens_in_text=special_tokens_in_text)
     guard = CountDrops(tokenize, total=-(-len(records) // count), source=source,
                        reason=f"longer than max_prompt_len={max_prompt_len} tokens")
     ds = ds.map(guard).filter(lambda ex: ex is not None)

@@ -16,6 +16,7 @@ import logging
 import os
 from typing import Callable
 
+import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,6 +27,9 @@ from opera_jax.model import safetensors_io
 from opera_jax.model.build import abstract_model, param_shardings
 from opera_jax.model.config import Qwen3Config
 from opera_jax.model.qwen3 import Qwen3
+from opera_jax.outputs import output_dir
+from opera_jax.sharding import to_host
+from opera_jax.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -38,32 +42,33 @@ def _t(w, cfg):
     return w.T
 
 
-def _split_heads_in(w, cfg):  # HF [N*H, D] -> [D, N, H]
-    return w.T.reshape(w.shape[1], -1, cfg.head_dim)
+# einops on numpy gives views: the memory-mapped tensor is only read slice by slice later.
+def _split_heads_in(w, cfg):
+    return einops.rearrange(w, "(N H) D -> D N H", H=cfg.head_dim)
 
 
-def _merge_heads_in(w, cfg):  # [D, N, H] -> HF [N*H, D]
-    return w.reshape(w.shape[0], -1).T
+def _merge_heads_in(w, cfg):
+    return einops.rearrange(w, "D N H -> (N H) D")
 
 
-def _split_heads_out(w, cfg):  # HF [D, N*H] -> [N, H, D]
-    return w.T.reshape(-1, cfg.head_dim, w.shape[0])
+def _split_heads_out(w, cfg):
+    return einops.rearrange(w, "D (N H) -> N H D", H=cfg.head_dim)
 
 
-def _merge_heads_out(w, cfg):  # [N, H, D] -> HF [D, N*H]
-    return w.reshape(-1, w.shape[-1]).T
+def _merge_heads_out(w, cfg):
+    return einops.rearrange(w, "N H D -> D (N H)")
 
 
 def _same(w, cfg):
     return w
 
 
-def _split_bias(b, cfg):  # HF [N*H] -> [N, H]
-    return b.reshape(-1, cfg.head_dim)
+def _split_bias(b, cfg):
+    return einops.rearrange(b, "(N H) -> N H", H=cfg.head_dim)
 
 
-def _merge_bias(b, cfg):  # [N, H] -> HF [N*H]
-    return b.reshape(-1)
+def _merge_bias(b, cfg):
+    return einops.rearrange(b, "N H -> (N H)")
 
 
 _LAYER_MAP: list[tuple[str, tuple[str, ...], Callable, Callable]] = [
@@ -224,26 +229,32 @@ def _short(names: list[str], n: int = 6) -> str:
     return ", ".join(names[:n]) + (f" … ({len(names)} in all)" if len(names) > n else "")
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
-    if not x.is_fully_addressable:  # multi-host: gather the global array
-        from jax.experimental import multihost_utils
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
-
-
 def export_hf(model: Qwen3, out_dir: str | os.PathLike, *, tokenizer=None, dtype=None,
-              max_shard_bytes: int = 4 << 30) -> str:
+              max_shard_bytes: int = 4 << 30, overwrite: bool = False) -> str:
     """Writes `model` as a HF directory of its family (e.g. LlamaForCausalLM); returns the path.
+
+    The files go into a fresh directory that then replaces `out_dir` (outputs.output_dir): an
+    interrupted export leaves `out_dir` as it was, and no file of an earlier export survives
+    next to the new ones.
 
     Args:
       model: the model (any sharding; gathered tensor by tensor).
-      out_dir: created if missing.
+      out_dir: the output directory; one that holds files is refused unless `overwrite`.
       tokenizer: a transformers tokenizer to save alongside (with its chat template).
       dtype: dtype of the written tensors (default: the parameters' dtype).
       max_shard_bytes: split into model-0000i-of-0000n.safetensors above this size.
+      overwrite: replace a non-empty `out_dir` as a whole.
     """
-    out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    with output_dir(out_dir, overwrite=overwrite, what="export",
+                    flag="overwrite=True (--overwrite)") as tmp:
+        _write_hf(model, tmp, tokenizer=tokenizer, dtype=dtype, max_shard_bytes=max_shard_bytes)
+    return out_dir
+
+
+def _write_hf(model: Qwen3, out_dir: str | None, *, tokenizer, dtype, max_shard_bytes: int):
+    """The files of `export_hf`; `out_dir` None (processes other than 0) only takes part in
+    gathering the tensors, which is collective across processes."""
     cfg = model.config
     state = nnx.state(model)
     names = name_map(cfg)
@@ -267,9 +278,14 @@ def export_hf(model: Qwen3, out_dir: str | os.PathLike, *, tokenizer=None, dtype
     def host_tensors(shard):
         for name in shard:
             ours, _, to_hf = names[name]
-            arr = to_hf(_to_host(_at(state, ours).get_value()), cfg)
+            arr = to_hf(np.asarray(to_host(_at(state, ours).get_value())), cfg)
             yield name, np.ascontiguousarray(arr if out_dtype is None else arr.astype(out_dtype))
 
+    if out_dir is None:
+        for shard in shards:
+            for _ in host_tensors(shard):
+                pass
+        return
     if len(shards) == 1:
         safetensors_io.write(os.path.join(out_dir, "model.safetensors"), host_tensors(shards[0]))
     else:
@@ -292,7 +308,6 @@ def export_hf(model: Qwen3, out_dir: str | os.PathLike, *, tokenizer=None, dtype
         json.dump(gen, f, indent=2)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
-    return out_dir
 
 
 def load_pretrained(path: str | os.PathLike, *, dtype="float32", mesh: Mesh | None = None,
@@ -302,8 +317,6 @@ def load_pretrained(path: str | os.PathLike, *, dtype="float32", mesh: Mesh | No
     The tokenizer comes from the same directory with local files only (never a hub call).
     See `load_hf_model` for the arguments and errors.
     """
-    from opera_jax.tokenizer import load_tokenizer
-
     model = load_hf_model(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
                           attention_impl=attention_impl, remat=remat)
     return model, load_tokenizer(os.fspath(path))

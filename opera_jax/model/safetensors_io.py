@@ -1,8 +1,11 @@
-"""Reading and writing the safetensors format one tensor at a time, bfloat16 included.
+"""Reading safetensors lazily from a memory map; writing with the `safetensors` library.
 
 The format: 8-byte little-endian header length, a JSON header {name: {dtype, shape,
-data_offsets}}, then the raw bytes. Reading memory-maps the file, so a tensor costs host memory
-only for the slices that are actually touched; `ml_dtypes` gives numpy a bfloat16.
+data_offsets}}, then the raw bytes. Reading memory-maps the file and hands out numpy views, so
+the loader can transpose a tensor and give each device only its slice without the host ever
+holding the whole tensor (the library's readers copy whole tensors or need per-slice
+indexing through our layout transforms). A file shorter than its header says (an interrupted
+copy) is an error naming the file and the tensor. `ml_dtypes` gives numpy a bfloat16.
 """
 
 from __future__ import annotations
@@ -14,13 +17,13 @@ from typing import Iterator
 
 import ml_dtypes
 import numpy as np
+from safetensors.numpy import save_file
 
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
     "BOOL": np.bool_, "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
 }
-_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 
 
 class SafetensorsFile:
@@ -33,6 +36,9 @@ class SafetensorsFile:
             if len(raw) != 8:
                 raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes)")
             (n,) = struct.unpack("<Q", raw)
+            if n > os.path.getsize(path) - 8:
+                raise ValueError(f"{path}: corrupt or truncated safetensors file (its header "
+                                 f"claims {n} bytes, the file has {os.path.getsize(path)})")
             try:
                 header = json.loads(f.read(n))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -40,6 +46,7 @@ class SafetensorsFile:
         header.pop("__metadata__", None)
         self._header = header
         self._data_start = 8 + n
+        self._size = os.path.getsize(path)
         self._mmap = None
 
     def keys(self) -> list[str]:
@@ -56,27 +63,20 @@ class SafetensorsFile:
         if self._mmap is None:
             self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
         start, end = info["data_offsets"]
+        if self._data_start + end > self._size:
+            raise ValueError(f"{self.path}: tensor {name!r} needs bytes {start}..{end} of the "
+                             f"data, the file holds {self._size - self._data_start}: the file is "
+                             f"truncated (an interrupted copy or export?)")
         buf = self._mmap[self._data_start + start:self._data_start + end]
         return buf.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
 
 
 def write(path: str, tensors: Iterator[tuple[str, np.ndarray]] | dict[str, np.ndarray],
           metadata: dict[str, str] | None = None) -> None:
-    """Writes tensors (name, array) to `path`; arrays are consumed one at a time."""
-    items = list(tensors.items() if isinstance(tensors, dict) else tensors)
-    header: dict = {"__metadata__": metadata or {"format": "pt"}}
-    offset = 0
-    for name, arr in items:
-        nbytes = arr.size * arr.dtype.itemsize
-        header[name] = {"dtype": _NAMES[arr.dtype], "shape": list(arr.shape),
-                        "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # keep tensor data 8-byte aligned
+    """Writes tensors (name, array) to `path` with `safetensors.numpy.save_file` (one file's
+    tensors are in memory together), into a temporary file renamed into place."""
+    items = dict(tensors.items() if isinstance(tensors, dict) else tensors)
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for _, arr in items:
-            f.write(np.ascontiguousarray(arr).tobytes())
+    save_file({k: np.ascontiguousarray(v) for k, v in items.items()}, tmp,
+              metadata=metadata or {"format": "pt"})
     os.replace(tmp, path)

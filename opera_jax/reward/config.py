@@ -1,4 +1,4 @@
-"""Frozen config of the OPERA reward (OPERA_METHOD.md, sections 1–2).
+"""Frozen config of the OPERA reward (docs/METHOD.md §1–2).
 
 Defaults are the published settings, except `keyword_match` (whole words; `SUBSTRING`
 reproduces the published test). Enum fields also accept their string values, so an
@@ -13,9 +13,11 @@ import dataclasses
 import enum
 import math
 
+from opera_jax.enums import coerce
+
 # Published reflection keywords, matched case-insensitively (the reward's reflection term).
 DEFAULT_KEYWORDS = ("But", "Wait", "Hmm", "However", "Wait a minute")
-# Published guiding words: where cold-start synthesis stops to branch (method §4, step 2).
+# Published guiding words: where cold-start synthesis stops to branch (docs/METHOD.md §4, step 2).
 GUIDING_WORDS = ("Wait", "But", "Hmm", "Let me think", "However")
 
 
@@ -38,6 +40,13 @@ class LPImpl(str, enum.Enum):
 
     KERNEL = "kernel"  # one prefill + short reference passes (kernel.py)
     NAIVE = "naive"  # one full forward pass per context (naive.py), for checks
+
+
+class MathMatch(str, enum.Enum):
+    """How a `math` response's answer is compared with the reference."""
+
+    EXACT = "exact"          # the last balanced \\boxed{…} outside the think block (scores.py)
+    PUBLISHED = "published"  # the published regex, reproduced exactly (docs/METHOD.md §2.5)
 
 
 class TaskType(str, enum.Enum):
@@ -65,6 +74,7 @@ class RewardConfig:
       group_size: expected number of responses per group, checked when set; None accepts
         any group size (a group of one gets rank_score 1.0).
       scorer: `Scorer`; with REFERENCE the entry points need `reference_model=`.
+      math_match: `MathMatch` of the `math` rows.
       lp_impl: `LPImpl`: the kernel, or the naive path (checks; and on GPU while the model runs
         cached attention on XLA, see benchmarks/RESULTS.md).
       temperature: LP is computed from softmax(logits / temperature) (published 1.0).
@@ -90,6 +100,7 @@ class RewardConfig:
     max_segments: int | None = None
     group_size: int | None = None
     scorer: Scorer = Scorer.POLICY
+    math_match: MathMatch = MathMatch.EXACT
     lp_impl: LPImpl = LPImpl.KERNEL
     temperature: float = 1.0
     batch_size: int = 8
@@ -102,9 +113,9 @@ class RewardConfig:
 
     def __post_init__(self):
         # Frozen: coerce through object.__setattr__ so string values become enums / tuples.
-        object.__setattr__(self, "keyword_match", KeywordMatch(self.keyword_match))
-        object.__setattr__(self, "scorer", Scorer(self.scorer))
-        object.__setattr__(self, "lp_impl", LPImpl(self.lp_impl))
+        for name, cls in (("keyword_match", KeywordMatch), ("scorer", Scorer),
+                          ("math_match", MathMatch), ("lp_impl", LPImpl)):
+            object.__setattr__(self, name, coerce(cls, getattr(self, name), f"reward.{name}"))
         object.__setattr__(self, "keywords", tuple(self.keywords))
         for name in ("rank_weight", "reflection_weight", "temperature"):
             if not math.isfinite(getattr(self, name)):

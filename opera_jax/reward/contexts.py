@@ -1,6 +1,6 @@
 """The scoring contexts of one response, as token cuts of prompt + response.
 
-Every context of OPERA_METHOD.md §2.1 is a prefix of the token sequence prompt + response,
+Every context of docs/METHOD.md §2.1 is a prefix of the token sequence prompt + response,
 with one exception: a response without "<think>" has c_0 = x + "<think>", a prefix plus one
 extra token. `Context(prefix_len, extra_token)` covers both; the kernel and the naive path
 take lists of them, in the order `[c_full, c_0, c_1, …, c_K]`.

@@ -1,6 +1,6 @@
 """LP of the reference under every context of a batch of responses, in one jitted call.
 
-LP(c) = mean_t log π(a_t | c, a_<t) (OPERA_METHOD.md §1). Every context is a prefix of
+LP(c) = mean_t log π(a_t | c, a_<t) (docs/METHOD.md §1). Every context is a prefix of
 prompt + response (see contexts.py), so instead of one full forward pass per context:
 
 1. Prefill: one pass over prompt + response for the B responses of the call, writing the

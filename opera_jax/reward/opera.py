@@ -1,6 +1,6 @@
 """The OPERA reward of a batch of responses: entry points on text and on token ids.
 
-OPERA_METHOD.md §2. For each `writing` response: LP of the reference under c_full, c_0 and
+docs/METHOD.md §2. For each `writing` response: LP of the reference under c_full, c_0 and
 c_1..c_K (kernel.py), then
 
     rank_score       = (#group members with strictly lower LP(c_full)) / (G − 1)   (G = 1: 1.0)
@@ -17,8 +17,10 @@ Defined behaviour:
   * more than `config.max_segments` paragraphs: the tail merges into the last segment.
   * a token straddling a character cut (not with Qwen3's tokenizer): the cut rounds down to the
     token boundary before it (segments.py).
-  * a group of one: rank_score = 1.0. Ties in LP(c_full) take the lower rank. The group of a
-    writing response is its writing members (math members of a group are not ranked).
+  * a group of one: rank_score = 1.0. Ties in LP(c_full) take the lower rank; identical
+    (prompt, response, reference) token sequences are scored once, so they tie exactly
+    whatever batch they fall in. The group of a writing response is its writing members
+    (math members of a group are not ranked).
   * `config.group_size` set: every group must have exactly that many members (ValueError).
   * empty reference (no tokens; for math, empty after stripping): ValueError naming the sample.
   * a non-finite LP: FloatingPointError naming the sample, its group and the context.
@@ -32,9 +34,10 @@ from typing import Hashable, Sequence
 import numpy as np
 
 from opera_jax import tokenizer as tk
+from opera_jax.enums import coerce
 from opera_jax.reward import contexts as ctx_lib
 from opera_jax.reward import scores
-from opera_jax.reward.config import LPImpl, RewardConfig, Scorer, TaskType
+from opera_jax.reward.config import LPImpl, MathMatch, RewardConfig, Scorer, TaskType
 from opera_jax.reward.kernel import reference_logprobs
 from opera_jax.reward.naive import naive_reference_logprobs
 from opera_jax.reward.segments import decode_with_offsets, has_keyword, parse_think_block
@@ -100,11 +103,11 @@ def score_texts(model, tokenizer, prompts: Sequence[str], responses: Sequence[st
         if task is TaskType.MATH:
             samples.append(_math_sample(i, response, reference))
             continue
-        prompt_ids = tk.encode(tokenizer, tk.apply_chat_template(tokenizer, prompt))
+        prompt_ids = tk.encode_prompt(tokenizer, prompt)  # user text: special strings plain
         response_ids, offsets = tk.encode_with_offsets(tokenizer, response)
         samples.append(_writing_sample(i, prompt_ids, response_ids, offsets, response,
-                                       tk.encode(tokenizer, reference), reference, think_open,
-                                       config))
+                                       tk.encode_text(tokenizer, reference), reference,
+                                       think_open, config))
     return _score_samples(model, samples, group_ids, config=config,
                           reference_model=reference_model)
 
@@ -153,7 +156,7 @@ def _tasks(task_types, n: int) -> list[TaskType]:
         return [TaskType.WRITING] * n
     if len(task_types) != n:
         raise ValueError(f"{len(task_types)} task types for {n} responses")
-    return [TaskType(t) for t in task_types]
+    return [coerce(TaskType, t, f"task_types[{i}]") for i, t in enumerate(task_types)]
 
 
 def _math_sample(i: int, response: str, reference: str) -> _Sample:
@@ -221,23 +224,42 @@ def _score_samples(model, samples: Sequence[_Sample], group_ids: Sequence[Hashab
                            + np.float32(config.reflection_weight) * refl[writing])
     for i, s in enumerate(samples):
         if s.task is TaskType.MATH:
-            reward[i] = scores.math_reward(s.response, s.reference)
+            check = (scores.published_math_reward if config.math_match is MathMatch.PUBLISHED
+                     else scores.math_reward)
+            reward[i] = check(s.response, s.reference)
     return RewardResult(reward=reward, rank_score=rank, reflection_score=refl,
                         reflection_count=count, lp_full=lp_full, lp_initial=lp_initial,
                         lp_segments=lp_segments)
 
 
 def _logprobs(scorer, samples: Sequence[_Sample], config: RewardConfig) -> list[np.ndarray]:
+    """LP of every context of every sample, each distinct (sequence, reference) scored once.
+
+    Identical responses must get identical LPs, or the rank's ties break: float results vary
+    by ~1 ulp with the batch a row is scored in and its padding. Scoring each distinct token
+    sequence once and sharing the result makes ties exact wherever the rows fall.
+    """
     if not samples:
         return []
-    args = ([s.sequence for s in samples], [s.reference_ids for s in samples],
-            [s.contexts for s in samples])
+    first: dict[tuple, int] = {}
+    unique: list[_Sample] = []
+    slot = []
+    for s in samples:
+        key = (tuple(s.sequence), tuple(s.reference_ids), tuple(s.contexts))
+        if key not in first:
+            first[key] = len(unique)
+            unique.append(s)
+        slot.append(first[key])
+    args = ([s.sequence for s in unique], [s.reference_ids for s in unique],
+            [s.contexts for s in unique])
     if config.lp_impl is LPImpl.NAIVE:
-        return naive_reference_logprobs(scorer, *args, rows_per_call=config.batch_size,
-                                        temperature=config.temperature,
-                                        logprob_chunk=config.logprob_chunk,
-                                        min_bucket=config.min_bucket)
-    return reference_logprobs(scorer, *args, config=config)
+        lps = naive_reference_logprobs(scorer, *args, rows_per_call=config.batch_size,
+                                       temperature=config.temperature,
+                                       logprob_chunk=config.logprob_chunk,
+                                       min_bucket=config.min_bucket)
+    else:
+        lps = reference_logprobs(scorer, *args, config=config)
+    return [lps[k] for k in slot]
 
 
 def _check_group_sizes(group_ids, group_size: int | None) -> None:

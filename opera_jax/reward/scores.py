@@ -1,11 +1,12 @@
 """The pure parts of the reward: group rank, reflection count, the math path (numpy / str).
 
-OPERA_METHOD.md §2.2–2.4 and the `math` task. Everything here is float32 / int on the host and
+docs/METHOD.md §2.2–2.4 and the `math` task. Everything here is float32 / int on the host and
 has no model in it, so each rule is tested by hand-computed cases.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Hashable, Sequence
 
 import numpy as np
@@ -76,6 +77,20 @@ def last_boxed(text: str) -> str | None:
             return text[start + len(_BOXED):i - 1]
         start = text.rfind(_BOXED, 0, start)  # unclosed: try the one before it
     return None
+
+
+_PUBLISHED_THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
+_PUBLISHED_BOXED = re.compile(r"\\boxed\{(.*?)\}")
+
+
+def published_math_reward(response: str, reference: str) -> float:
+    r"""The published check, exactly: every `<think>…</think>` block removed (an unclosed one
+    stays, as answer text); the content of the last `\\boxed{…}` match of the non-greedy regex
+    `\\boxed\{(.*?)\}` (it stops at the first "}" and does not cross a newline), or the whole
+    remaining text when nothing matches; 1.0 when it equals the reference, both stripped."""
+    answer = _PUBLISHED_THINK.sub("", response)
+    found = _PUBLISHED_BOXED.findall(answer)
+    return float((found[-1] if found else answer).strip() == reference.strip())
 
 
 def math_reward(response: str, reference: str) -> float:

@@ -1,6 +1,6 @@
 """Host side: the think block, its paragraphs, keyword matching, and character → token cuts.
 
-OPERA_METHOD.md §2.1 defines every context as the prompt plus the response text cut at a
+docs/METHOD.md §2.1 defines every context as the prompt plus the response text cut at a
 character offset b. This module finds those offsets in the response text and maps each to a
 token count through the response's offset mapping.
 
@@ -70,7 +70,7 @@ class ThinkBlock:
 
 
 def parse_think_block(response: str, *, max_segments: int | None = None) -> ThinkBlock:
-    """Finds b_0 and the paragraphs b_1..b_K of a response (OPERA_METHOD.md §2.1).
+    """Finds b_0 and the paragraphs b_1..b_K of a response (docs/METHOD.md §2.1).
 
     Args:
       response: the response text y.

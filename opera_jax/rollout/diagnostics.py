@@ -1,8 +1,7 @@
 """What the responses look like, beyond the reward: the signs of a policy gaming it.
 
-A reward that never reads the answer can rise while the text falls apart (docs/METHOD.md,
-"What the reward cannot see"). These host-side measures make that visible while it happens and
-at evaluation:
+A reward that never reads the answer can rise while the text falls apart (docs/METHOD.md §6).
+These host-side measures make that visible while it happens and at evaluation:
 
   think_closed       the think block was closed (else K = 0 and the answer is missing)
   repeat_ngram       share of the response's token 4-grams that already occurred in it

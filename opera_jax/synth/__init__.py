@@ -1,4 +1,4 @@
-"""Cold-start synthesis (OPERA method §4): guiding-word thinking with perplexity-prioritised
+"""Cold-start synthesis (docs/METHOD.md §4): guiding-word thinking with perplexity-prioritised
 branches, many prompts and all their candidates batched into shared sampler calls.
 
 Layers, bottom up: `wrapper` (the instruction wrapper, stop strings, paragraphs), `job` (one

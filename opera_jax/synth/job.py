@@ -1,4 +1,4 @@
-"""One prompt's way through guiding-word synthesis (OPERA method §4): a host state machine.
+"""One prompt's way through guiding-word synthesis (docs/METHOD.md §4): a host state machine.
 
     THINK ──guiding word──▶ REFLECT ──kept candidate cut at a blank line──▶ THINK
       │                       └──kept candidate ends at a guiding word──▶ REFLECT
@@ -40,7 +40,7 @@ import numpy as np
 from opera_jax.sampling import Completion, FinishReason
 from opera_jax.config.sections import Synth
 from opera_jax.synth.wrapper import first_paragraph, wrap_prompt
-from opera_jax.tokenizer import THINK_CLOSE, THINK_OPEN, apply_chat_template, encode
+from opera_jax.tokenizer import THINK_CLOSE, THINK_OPEN, encode, encode_prompt
 
 
 class Phase(enum.Enum):
@@ -101,12 +101,16 @@ def perplexity(context_logprobs: Sequence[float], candidate_logprobs: Sequence[f
 class Job:
     """One prompt row (`id`, `prompt`, `reference`, optional `task_type`) in synthesis."""
 
-    def __init__(self, row: dict, tokenizer, settings: Synth):
+    def __init__(self, row: dict, tokenizer, settings: Synth, *,
+                 special_tokens_in_text: bool = False):
         self.row, self.tokenizer, self.settings = row, tokenizer, settings
         self.id = str(row["id"])
-        self.think_head = (apply_chat_template(tokenizer, wrap_prompt(row["prompt"]))
-                           + THINK_OPEN + "\n")
-        self.answer_head = apply_chat_template(tokenizer, row["prompt"])
+        # The prompt is data: special-token strings in it stay plain text (tokenizer.py).
+        self.think_head = (encode_prompt(tokenizer, wrap_prompt(row["prompt"]),
+                                         special_tokens_in_text=special_tokens_in_text)
+                           + encode(tokenizer, THINK_OPEN + "\n"))
+        self.answer_head = encode_prompt(tokenizer, row["prompt"],
+                                         special_tokens_in_text=special_tokens_in_text)
         self.phase = Phase.THINK
         self.thinking = ""
         self.calls = 0       # requests answered so far (seeds the next one)
@@ -121,27 +125,29 @@ class Job:
     def done(self) -> bool:
         return self.phase is Phase.DONE
 
-    def answer_context(self) -> str:
-        return (f"{self.answer_head}{THINK_OPEN}\n{self.thinking.strip()}\n{THINK_CLOSE}"
-                f"{self.settings.after_think}")
+    def answer_context(self) -> list[int]:
+        return self.answer_head + encode(
+            self.tokenizer, f"{THINK_OPEN}\n{self.thinking.strip()}\n{THINK_CLOSE}"
+                            f"{self.settings.after_think}")
 
     def request(self) -> Request:
         """The next sampler request (does not change the job)."""
         s, phase = self.settings, self.phase
         left = s.max_thinking_tokens - self.tokens
+        thinking = self.think_head + encode(self.tokenizer, self.thinking)
         if phase is Phase.ANSWER:
-            text, rows, stop, cap = self.answer_context(), 1, StopSet.NONE, s.max_answer_tokens
+            ids, rows, stop, cap = self.answer_context(), 1, StopSet.NONE, s.max_answer_tokens
         elif phase is Phase.REFLECT:
-            text, rows, stop = self.think_head + self.thinking, s.num_candidates, StopSet.GUIDED
+            ids, rows, stop = thinking, s.num_candidates, StopSet.GUIDED
             cap = min(s.max_candidate_tokens, left)
         elif phase in (Phase.THINK, Phase.FINISH):
-            text, rows = self.think_head + self.thinking, 1
+            ids, rows = thinking, 1
             stop = StopSet.GUIDED if phase is Phase.THINK else StopSet.CLOSE
             cap = min(s.max_phase_tokens, left)
         else:
             raise ValueError(f"job {self.id} is done")
         seeds = [row_seed(s.seed, self.id, self.calls, j) for j in range(rows)]
-        return Request(phase, encode(self.tokenizer, text), rows, stop, cap, seeds)
+        return Request(phase, ids, rows, stop, cap, seeds)
 
     def advance(self, request: Request, completions: Sequence[Completion],
                 context_logprobs: Sequence[np.ndarray] | None = None) -> PhaseEvent:

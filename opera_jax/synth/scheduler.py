@@ -57,9 +57,11 @@ class Scheduler:
         calls (`batch_prompts`, `batch_candidates`, `rows_per_call`, `compact`).
     """
 
-    def __init__(self, sampler: Sampler, tokenizer, settings: Synth):
+    def __init__(self, sampler: Sampler, tokenizer, settings: Synth, *,
+                 special_tokens_in_text: bool = False):
         self.sampler, self.tokenizer = sampler, tokenizer
         self.settings = self.batching = settings
+        self.special_tokens_in_text = special_tokens_in_text
         self.stops = {StopSet.GUIDED: stop_strings(settings.guiding_words),
                       StopSet.CLOSE: (THINK_CLOSE,), StopSet.NONE: ()}
         self.counters = Counters()
@@ -77,7 +79,8 @@ class Scheduler:
             if sigterm_received():
                 return False
             while queue and len(active) < self.batching.batch_prompts:
-                active.append(Job(queue.popleft(), self.tokenizer, self.settings))
+                active.append(Job(queue.popleft(), self.tokenizer, self.settings,
+                                  special_tokens_in_text=self.special_tokens_in_text))
             for event in self.step(active):
                 if on_event is not None:
                     on_event(event)

@@ -38,7 +38,7 @@ from opera_jax.synth.job import Job, PhaseEvent
 from opera_jax.synth.records import RecordWriter, config_hash, read_records
 from opera_jax.synth.scheduler import Counters, Scheduler
 from opera_jax.synth.wrapper import wrap_prompt
-from opera_jax.tokenizer import apply_chat_template, encode
+from opera_jax.tokenizer import encode_prompt
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,9 @@ def read_prompts(run: SynthRun, tokenizer) -> tuple[list[dict], int, int]:
             log.warning("%s: duplicate id %r; skipping the row", run.data.path, row["id"])
             continue
         seen.add(str(row["id"]))
-        context = apply_chat_template(tokenizer, wrap_prompt(row["prompt"]))
-        if len(encode(tokenizer, context)) > run.synth.max_prompt_len:
+        context = encode_prompt(tokenizer, wrap_prompt(row["prompt"]),
+                                special_tokens_in_text=run.data.special_tokens_in_text)
+        if len(context) > run.synth.max_prompt_len:
             long += 1
             if long <= 3:
                 log.warning("%s: prompt %r is longer than synth.max_prompt_len=%d tokens; "
@@ -82,7 +83,8 @@ def read_prompts(run: SynthRun, tokenizer) -> tuple[list[dict], int, int]:
     if long:
         log.warning("%s: %d prompts longer than synth.max_prompt_len=%d tokens skipped",
                     run.data.path, long, run.synth.max_prompt_len)
-    return unique, len(rows) - len(unique) - long, long
+    # bad rows (skipped by the reader) and duplicate ids
+    return unique, getattr(rows, "bad", 0) + len(rows) - len(unique) - long, long
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -144,7 +146,8 @@ def _synthesize(run: SynthRun, teacher, stop_after, on_event) -> dict:
         mesh = build.make_mesh(run.mesh)
         model, tokenizer = teacher if teacher is not None else build.load_model(run.model, mesh)
         sampler = Sampler.for_tokenizer(model, tokenizer, mesh=mesh)
-        scheduler = Scheduler(sampler, tokenizer, run.synth)
+        scheduler = Scheduler(sampler, tokenizer, run.synth,
+                              special_tokens_in_text=run.data.special_tokens_in_text)
 
     # ---- loop ----
     written: list[dict] = []

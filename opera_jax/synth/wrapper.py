@@ -1,6 +1,6 @@
 """The teacher's instruction wrapper and the text conventions of a synthesised thinking.
 
-The wrapper (OPERA method §4, step 1, in the project's own words) asks for first-person,
+The wrapper (docs/METHOD.md §4, step 1, in the project's own words) asks for first-person,
 present-tense thinking without lists or headings, inside one think block, with frequent
 reflection. It names the block in words: special-token strings in a user message would be
 encoded as the special tokens themselves. It is kept to two sentences: the warm-up stage

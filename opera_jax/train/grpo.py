@@ -70,6 +70,7 @@ from opera_jax.config.runs import GRPORun, to_json
 from opera_jax.config.sections import Loss, OldLogprobs, Optim
 from opera_jax.data.pipeline import PROMPT_FIELDS, TokenizePrompt, prompt_batches
 from opera_jax.data.sources import open_rows
+from opera_jax.locks import WorkdirLock
 from opera_jax.reward import RewardConfig, Scorer, score_token_ids
 from opera_jax.rollout import stats as rollout_stats
 from opera_jax.rollout.batch import sample_rollout
@@ -284,7 +285,8 @@ def _prompt_rows(spec: str, run: GRPORun, tokenizer) -> list[dict]:
     rows = open_rows(spec, required=PROMPT_FIELDS, on_bad_row=run.data.on_bad_row,
                      seed=run.data.seed)
     tokenize = TokenizePrompt(tokenizer, max_prompt_len=run.rollout.max_prompt_len,
-                              enable_thinking=run.data.enable_thinking)
+                              enable_thinking=run.data.enable_thinking,
+                              special_tokens_in_text=run.data.special_tokens_in_text)
     out = [x for x in map(tokenize, list(rows)[:run.validation.num_prompts]) if x is not None]
     if not out:
         raise ValueError(f"no validation prompt of {spec} fits rollout.max_prompt_len="
@@ -305,6 +307,11 @@ def train(run: GRPORun, *, stop_after: int | None = None):
     if not isinstance(run, GRPORun):
         raise TypeError(f"grpo.train needs a GRPORun; got a {type(run).__name__} (run a config "
                         f"through `python -m opera_jax.train`, which picks its stage)")
+    with WorkdirLock(run.workdir, what="GRPO workdir"):
+        return _train(run, stop_after)
+
+
+def _train(run: GRPORun, stop_after: int | None):
     # ---- setup ----
     workdir = os.path.abspath(run.workdir)
     total = run.grpo.steps
@@ -329,7 +336,8 @@ def train(run: GRPORun, *, stop_after: int | None = None):
     data_iter = iter(prompt_batches(
         records, tokenizer, batch_size=run.rollout.num_prompts, seed=run.data.seed,
         max_prompt_len=run.rollout.max_prompt_len, enable_thinking=run.data.enable_thinking,
-        num_threads=run.data.num_threads, per_host=False, source=run.data.path))
+        num_threads=run.data.num_threads, per_host=False, source=run.data.path,
+        special_tokens_in_text=run.data.special_tokens_in_text))
     val_rows = [] if run.validation.every is None else _prompt_rows(run.validation.path, run,
                                                                     tokenizer)
     log.info("%d prompt rows from %s, %d validation prompts", len(records), run.data.path,

@@ -105,5 +105,5 @@ def run_summary(workdir: str) -> list[str]:
             lines.append(f"  {label}: {first[key]:.3f} -> {last[key]:.3f}")
     if TRUTH in first and TRUTH in last and last[TRUTH] < first[TRUTH]:
         lines.append("  the ground truth got WORSE during RL: do not trust the reward curve "
-                     "alone (see docs/METHOD.md, 'What the reward cannot see')")
+                     "alone (docs/METHOD.md §6)")
     return lines

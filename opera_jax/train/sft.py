@@ -35,6 +35,7 @@ from opera_jax.config.sections import Optim
 from opera_jax.data.jsonl import SFT_FIELDS
 from opera_jax.data.pipeline import sft_batches
 from opera_jax.data.sources import open_rows
+from opera_jax.locks import WorkdirLock
 from opera_jax.tokenizer import special_token_ids
 from opera_jax.train import state as state_lib
 from opera_jax.train.metrics import MetricsWriter, Throughput
@@ -127,6 +128,11 @@ def train(run: SFTRun, *, stop_after: int | None = None):
     if not isinstance(run, SFTRun):
         raise TypeError(f"sft.train needs an SFTRun; got a {type(run).__name__} (run a config "
                         f"through `python -m opera_jax.train`, which picks its stage)")
+    with WorkdirLock(run.workdir, what="SFT workdir"):
+        return _train(run, stop_after)
+
+
+def _train(run: SFTRun, stop_after: int | None):
     # ---- setup ----
     workdir = os.path.abspath(run.workdir)
     total = run.sft.steps
@@ -147,7 +153,8 @@ def train(run: SFTRun, *, stop_after: int | None = None):
         records, tokenizer, eos_id=ids["eos"], pad_id=ids["pad"], seq_len=run.sft.seq_len,
         global_batch_size=run.sft.batch_size, seed=run.data.seed, packing=run.sft.packing,
         overlong=run.sft.overlong.value, enable_thinking=run.data.enable_thinking,
-        num_threads=run.data.num_threads, source=run.data.path))
+        num_threads=run.data.num_threads, source=run.data.path,
+        special_tokens_in_text=run.data.special_tokens_in_text))
     log.info("%d SFT rows from %s", len(records), run.data.path)
 
     # ---- model / optimizer ----
