@@ -16,7 +16,8 @@ computed from:
   random           the OPERA rewards permuted at random across each step's batch: the same
                    mean and variance, no relation to the response (`grpo.random_rewards`)
   sft              no RL: the SFT model itself
-  + deviations     `DEVIATIONS` below, options that change what the reward counts
+  opera_distinct   a deviation: a reflective paragraph that restates an earlier one earns
+                   nothing (`reward.distinct_reflections=0.8`)
 
 Writes to `workdir`: `units/<seed>_<variant>.json` (one per finished unit: the evaluation's
 metrics and the GRPO curves), `study.md` (mean ± sd over seeds per variant) and `study.png`
@@ -51,7 +52,10 @@ VARIANTS: dict[str, dict] = {
     "reflection_only": {"reward.rank_weight": 0.0},
     "random": {"grpo.random_rewards": True},
 }
-DEVIATIONS: dict[str, dict] = {}
+# Options that change what the reward counts (docs/METHOD.md §6), shown next to the method.
+DEVIATIONS: dict[str, dict] = {
+    "opera_distinct": {"reward.distinct_reflections": 0.8},
+}
 NO_RL = "sft"
 # Columns of the table: (label, key in a unit's results).
 COLUMNS = (("train reward first 5", "reward_first5"), ("train reward last 5", "reward_last5"),

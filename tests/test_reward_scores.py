@@ -125,3 +125,24 @@ def test_config_coerces_strings_and_validates():
                 dict(keywords=()), dict(rank_weight=float("nan")), dict(group_size=0)):
         with pytest.raises(ValueError):
             RewardConfig(**bad)
+
+
+def test_distinct_reflections_deviation_drops_restated_paragraphs():
+    from opera_jax.reward.opera import _writing_sample
+    from opera_jax.tokenizer import encode_with_offsets, load_tokenizer
+
+    tok = load_tokenizer()
+    text = ("<think>\nThe owl stays near the river.\n\nWait, the owl stays near the meadow.\n\n"
+            "But, the owl stays near the meadow.\n\nHmm, the owl is white.\n</think>\n\nx")
+    ids, offsets = encode_with_offsets(tok, text)
+
+    def flags(**kw):
+        return _writing_sample(0, [1, 2], ids, offsets, text, [3], "r", 1022,
+                               RewardConfig(**kw)).keyword_flags
+
+    assert flags() == (False, True, True, True)  # the method: every keyword paragraph
+    # paragraph 3 restates paragraph 2 (Jaccard 1 without "Wait"/"But"); paragraph 2 shares
+    # 4 of 6 words with paragraph 1 (0.67 < 0.8) and still counts
+    assert flags(distinct_reflections=0.8) == (False, True, False, True)
+    with pytest.raises(ValueError, match="distinct_reflections must be in"):
+        RewardConfig(distinct_reflections=1.5)

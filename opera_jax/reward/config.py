@@ -75,6 +75,10 @@ class RewardConfig:
         any group size (a group of one gets rank_score 1.0).
       scorer: `Scorer`; with REFERENCE the entry points need `reference_model=`.
       math_match: `MathMatch` of the `math` rows.
+      distinct_reflections: a deviation from the method, off (None) by default: a reflective
+        paragraph counts only if its content words (keywords set aside) overlap no earlier
+        paragraph's by this Jaccard share or more — a restated paragraph earns nothing
+        (docs/METHOD.md §6).
       lp_impl: `LPImpl`: the kernel, or the naive path (checks; and on GPU while the model runs
         cached attention on XLA, see benchmarks/RESULTS.md).
       temperature: LP is computed from softmax(logits / temperature) (published 1.0).
@@ -101,6 +105,7 @@ class RewardConfig:
     group_size: int | None = None
     scorer: Scorer = Scorer.POLICY
     math_match: MathMatch = MathMatch.EXACT
+    distinct_reflections: float | None = None
     lp_impl: LPImpl = LPImpl.KERNEL
     temperature: float = 1.0
     batch_size: int = 8
@@ -125,6 +130,9 @@ class RewardConfig:
         if not self.keywords or not all(isinstance(k, str) and k.strip() for k in self.keywords):
             raise ValueError(
                 f"RewardConfig.keywords must be non-empty strings, got {self.keywords}")
+        if self.distinct_reflections is not None and not 0 < self.distinct_reflections <= 1:
+            raise ValueError(f"reward.distinct_reflections must be in (0, 1] or None, got "
+                             f"{self.distinct_reflections}")
         if self.max_segments is not None and self.max_segments < 1:
             raise ValueError(f"RewardConfig.max_segments must be >= 1 or None, got "
                              f"{self.max_segments}")

@@ -40,7 +40,8 @@ from opera_jax.reward import scores
 from opera_jax.reward.config import LPImpl, MathMatch, RewardConfig, Scorer, TaskType
 from opera_jax.reward.kernel import reference_logprobs
 from opera_jax.reward.naive import naive_reference_logprobs
-from opera_jax.reward.segments import decode_with_offsets, has_keyword, parse_think_block
+from opera_jax.reward.segments import (content_words, decode_with_offsets, has_keyword,
+                                      near_repeat, parse_think_block)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,6 +179,10 @@ def _writing_sample(i, prompt_ids, response_ids, offsets, response, reference_id
                                      think_open_id=think_open)
     flags = tuple(has_keyword(s.text, config.keywords, config.keyword_match)
                   for s in block.segments)
+    if config.distinct_reflections is not None:  # the deviation: restatements earn nothing
+        words = [content_words(s.text, config.keywords) for s in block.segments]
+        flags = tuple(f and not near_repeat(w, words[:k], threshold=config.distinct_reflections)
+                      for k, (f, w) in enumerate(zip(flags, words)))
     sequence = list(prompt_ids) + list(response_ids)
     ctx_lib.check_contexts(len(sequence), contexts, sample=i)
     return _Sample(TaskType.WRITING, response, reference, sequence, list(reference_ids),

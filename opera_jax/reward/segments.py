@@ -34,6 +34,7 @@ from opera_jax.reward.config import KeywordMatch
 from opera_jax.tokenizer import THINK_CLOSE, THINK_OPEN
 
 _WHITESPACE_RUN = re.compile(r"\s+")
+_WORD = re.compile(r"\w+")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +140,21 @@ def has_keyword(text: str, keywords: Sequence[str], mode: KeywordMatch = Keyword
         lowered = text.lower()
         return any(k.lower() in lowered for k in keywords)
     return keyword_regex(tuple(keywords)).search(text) is not None
+
+
+def content_words(text: str, keywords: Sequence[str] = ()) -> frozenset[str]:
+    """The lower-cased words of `text`, without the words of `keywords`."""
+    skip = {w.lower() for k in keywords for w in _WORD.findall(k)}
+    return frozenset(w for w in (m.lower() for m in _WORD.findall(text)) if w not in skip)
+
+
+def near_repeat(words: frozenset[str], earlier: Sequence[frozenset[str]], *,
+                threshold: float) -> bool:
+    """Whether a paragraph's content words overlap an earlier paragraph's by at least
+    `threshold` (Jaccard: |a ∩ b| / |a ∪ b|); an empty paragraph repeats nothing."""
+    if not words:
+        return False
+    return any(len(words & e) / len(words | e) >= threshold for e in earlier if e)
 
 
 def tokens_before(offsets: Sequence[tuple[int, int]], cut: int) -> int:

@@ -13,16 +13,14 @@ These host-side measures make that visible while it happens and at evaluation:
 
 from __future__ import annotations
 
-import re
 from typing import Sequence
 
 import numpy as np
 
 from opera_jax.data import toy_domain
-from opera_jax.reward.segments import ThinkBlock, parse_think_block
+from opera_jax.reward.segments import ThinkBlock, content_words, near_repeat, parse_think_block
 
 NGRAM = 4
-_WORD = re.compile(r"\w+")
 
 
 def repeated_ngram_share(ids: Sequence[int], n: int = NGRAM) -> float:
@@ -31,21 +29,6 @@ def repeated_ngram_share(ids: Sequence[int], n: int = NGRAM) -> float:
     if not grams:
         return 0.0
     return 1.0 - len(set(grams)) / len(grams)
-
-
-def content_words(text: str, keywords: Sequence[str] = ()) -> frozenset[str]:
-    """The lower-cased words of `text`, without the words of `keywords`."""
-    skip = {w.lower() for k in keywords for w in _WORD.findall(k)}
-    return frozenset(w for w in (m.lower() for m in _WORD.findall(text)) if w not in skip)
-
-
-def near_repeat(words: frozenset[str], earlier: Sequence[frozenset[str]], *,
-                threshold: float) -> bool:
-    """Whether a paragraph's content words overlap an earlier paragraph's by at least
-    `threshold` (Jaccard: |a ∩ b| / |a ∪ b|); an empty paragraph repeats nothing."""
-    if not words:
-        return False
-    return any(len(words & e) / len(words | e) >= threshold for e in earlier if e)
 
 
 def repeated_paragraph_share(block: ThinkBlock, keywords: Sequence[str], *,
