@@ -81,6 +81,16 @@ class CountDrops:
         return example
 
 
+def tokenized(ds: grain.MapDataset, tokenize: Callable[[dict], dict | None], *, rows: int,
+              source: str, reason: str, num_threads: int) -> grain.IterDataset:
+    """Rows → examples on `num_threads` threads ahead of the loop; the rows `tokenize` drops
+    (returns None for) are counted by `CountDrops`, which fails a pass that yields nothing."""
+    guard = CountDrops(tokenize, total=rows, source=source, reason=reason)
+    ds = ds.map(guard).filter(lambda ex: ex is not None)
+    read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(num_threads, 1) * 8)
+    return ds.to_iter_dataset(read)
+
+
 def shuffled_source(records: Sequence, *, seed: int, shuffle: bool = True,
                     num_epochs: int | None = None, process_index: int | None = None,
                     process_count: int | None = None) -> grain.MapDataset:
@@ -145,11 +155,9 @@ def sft_batches(records: Sequence[dict], tokenizer, *, eos_id: int, pad_id: int,
     tokenize = TokenizeSFT(tokenizer, eos_id=eos_id, seq_len=seq_len, overlong=overlong,
                            enable_thinking=enable_thinking,
                            special_tokens_in_text=special_tokens_in_text)
-    guard = CountDrops(tokenize, total=-(-len(records) // count), source=source,
-                       reason=f"longer than seq_len={seq_len} tokens (overlong={overlong})")
-    ds = ds.map(guard).filter(lambda ex: ex is not None)
-    read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(num_threads, 1) * 8)
-    ds = ds.to_iter_dataset(read)
+    ds = tokenized(ds, tokenize, rows=-(-len(records) // count), source=source,
+                   reason=f"longer than seq_len={seq_len} tokens (overlong={overlong})",
+                   num_threads=num_threads)
     return batch_examples(ds, seq_len=seq_len, batch_size=global_batch_size // count,
                           pad_id=pad_id, packing=packing)
 
@@ -208,8 +216,7 @@ def prompt_batches(records: Sequence[dict], tokenizer, *, batch_size: int, seed:
     tokenize = TokenizePrompt(tokenizer, max_prompt_len=max_prompt_len,
                               enable_thinking=enable_thinking,
                               special_tokens_in_text=special_tokens_in_text)
-    guard = CountDrops(tokenize, total=-(-len(records) // count), source=source,
-                       reason=f"longer than max_prompt_len={max_prompt_len} tokens")
-    ds = ds.map(guard).filter(lambda ex: ex is not None)
-    read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(num_threads, 1) * 8)
-    return ds.to_iter_dataset(read).batch(batch_size // count, batch_fn=list)
+    ds = tokenized(ds, tokenize, rows=-(-len(records) // count), source=source,
+                   reason=f"longer than max_prompt_len={max_prompt_len} tokens",
+                   num_threads=num_threads)
+    return ds.batch(batch_size // count, batch_fn=list)
