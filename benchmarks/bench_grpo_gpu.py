@@ -59,7 +59,7 @@ flags.DEFINE_integer("new_tokens", 512, "max new tokens per response")
 flags.DEFINE_integer("prompt_len", 128, "max prompt tokens (after the chat template)")
 flags.DEFINE_integer("minibatches", 4, "optimizer updates per RL step")
 flags.DEFINE_integer("grad_accum", 2, "micro-batches per update")
-flags.DEFINE_integer("steps", 4, "timed RL steps (the first compiles and is left out)")
+flags.DEFINE_integer("steps", 4, "RL steps of the timing run (the first compiles; not timed)")
 flags.DEFINE_float("peak_flops", 989e12, "one device's peak FLOP/s, for MFU")
 flags.DEFINE_bool("check", True, "first check the old log-probs (--nocheck: timing only)")
 
