@@ -1,11 +1,11 @@
 """Seconds per GRPO step on the CPU, split into rollout / reward / update: the real loop
 (configs/grpo_tiny.py: tiny preset, 8 prompts × 4 responses, 2 updates per step).
 
-    python benchmarks/bench_grpo_cpu.py                        # random init, 64 new tokens
-    python benchmarks/bench_grpo_cpu.py --sft-steps 300 --new-tokens 192   # from a tiny SFT
+    python benchmarks/bench_grpo_cpu.py                         # random init, 64 new tokens
+    python benchmarks/bench_grpo_cpu.py --sft_steps=300 --new_tokens=192   # from a tiny SFT
 
 From random weights the responses are noise without think blocks, so the reward scores only
-c_full and c_0 (K = 0): a lower bound on its cost. `--sft-steps` first trains the tiny SFT on
+c_full and c_0 (K = 0): a lower bound on its cost. `--sft_steps` first trains the tiny SFT on
 the toy domain (configs/sft_tiny.py, ~35 s) and starts GRPO from it: the responses then have
 think blocks of several paragraphs, and the reward does its real work (K + 2 contexts each).
 
@@ -16,63 +16,59 @@ and mean seconds over the timed runs' steps, the reward's share of the step, gen
 "update" includes the no-grad log-prob passes (reference; old log-probs when recomputed).
 """
 
-import argparse
 import os
 import statistics
 import tempfile
 
 import jax
+from absl import app, flags
 
-from opera_jax.train import sft
-from opera_jax.train.cli import load_config_file
-from opera_jax.train.grpo import train
+from opera_jax import cli
+from opera_jax.config.runs import parse
+from opera_jax.config.setups import grpo_tiny, sft_tiny
+from opera_jax.train import grpo, sft
 from opera_jax.train.metrics import read_metrics
 
-CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "configs")
-CONFIG = os.path.join(CONFIGS, "grpo_tiny.py")
-SFT_CONFIG = os.path.join(CONFIGS, "sft_tiny.py")
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("steps", 12, "RL steps per run")
+flags.DEFINE_integer("reps", 2, "runs; the first one compiles")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype")
+flags.DEFINE_integer("prompts", 8, "prompts per RL step")
+flags.DEFINE_integer("n", 4, "responses per prompt")
+flags.DEFINE_integer("new_tokens", 64, "max new tokens per response")
+flags.DEFINE_integer("sft_steps", 0, "SFT steps before GRPO; 0 = start from random weights")
+
 SECTIONS = ("rollout", "reward", "update", "logprob", "step")
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--reps", type=int, default=2, help="runs; the first one compiles")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--prompts", type=int, default=8)
-    p.add_argument("--n", type=int, default=4)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--sft-steps", type=int, default=0, help="0 = start from random weights")
-    args = p.parse_args()
+def bench() -> None:
     print(f"{jax.devices()[0].platform} x{jax.device_count()}, jax {jax.__version__}, tiny "
-          f"preset ({args.dtype}), {args.prompts} prompts x {args.n} responses, "
-          f"{args.new_tokens} new tokens, {args.steps} steps x {args.reps} runs, "
-          f"init: {f'{args.sft_steps}-step SFT' if args.sft_steps else 'random'}")
+          f"preset ({FLAGS.dtype}), {FLAGS.prompts} prompts x {FLAGS.n} responses, "
+          f"{FLAGS.new_tokens} new tokens, {FLAGS.steps} steps x {FLAGS.reps} runs, "
+          f"init: {f'{FLAGS.sft_steps}-step SFT' if FLAGS.sft_steps else 'random'}")
     timed = []
     with tempfile.TemporaryDirectory() as tmp:
-        init = ""
-        if args.sft_steps:
+        init = None
+        if FLAGS.sft_steps:
             init = os.path.join(tmp, "sft")
-            c = load_config_file(SFT_CONFIG)
-            c.workdir, c.data.path = init, os.path.join(init, "toy.jsonl")
-            c.data.write_toy_rows, c.model.dtype = 2000, args.dtype
-            c.sft.steps, c.sft.log_every, c.checkpoint.every = args.sft_steps, 50, 0
-            sft.train(c)
-        for rep in range(args.reps):
-            c = load_config_file(CONFIG)
+            c = sft_tiny()
+            c.workdir, c.data.path, c.model.dtype = init, "toy:sft:2000", FLAGS.dtype
+            c.sft.steps, c.sft.log_every, c.checkpoint.every = FLAGS.sft_steps, 50, None
+            sft.train(parse(c))
+        for rep in range(FLAGS.reps):
+            c = grpo_tiny()
             c.workdir = os.path.join(tmp, f"run{rep}")
-            c.data.path = os.path.join(tmp, "prompts.jsonl")
-            c.init.checkpoint = init
-            c.model.dtype = args.dtype
-            c.rollout.num_prompts, c.rollout.n = args.prompts, args.n
-            c.rollout.max_new_tokens = args.new_tokens
-            c.grpo.steps = args.steps
-            c.validation.every = 0
-            c.checkpoint.every = 0  # the final checkpoint only
-            train(c)
+            c.model.checkpoint = init
+            c.model.dtype = FLAGS.dtype
+            c.rollout.num_prompts, c.rollout.n = FLAGS.prompts, FLAGS.n
+            c.rollout.max_new_tokens = FLAGS.new_tokens
+            c.grpo.steps = FLAGS.steps
+            c.validation.every = None
+            c.checkpoint.every = None  # the final checkpoint only
+            grpo.train(parse(c))
             rows = [r for r in read_metrics(c.workdir) if "time/step_s" in r]
-            if rep or args.reps == 1:
-                timed += rows if args.reps > 1 else rows[1:]
+            if rep or FLAGS.reps == 1:
+                timed += rows if FLAGS.reps > 1 else rows[1:]
     print(f"\n{'section':>8} {'median s':>9} {'mean s':>8} {'share':>6}")
     step = statistics.median(r["time/step_s"] for r in timed)
     for name in SECTIONS:
@@ -80,14 +76,21 @@ def main():
         print(f"{name:>8} {statistics.median(xs):>9.4f} {statistics.mean(xs):>8.4f} "
               f"{statistics.median(xs) / step:>6.1%}")
     share = [r["time/reward_share"] for r in timed]
+    med = lambda k: statistics.median(r[k] for r in timed)  # noqa: E731
+    mean = lambda k: statistics.mean(r[k] for r in timed)  # noqa: E731
     print(f"\nreward share of the step: median {statistics.median(share):.1%} "
           f"(min {min(share):.1%}, max {max(share):.1%}) over {len(timed)} steps")
-    print(f"generated tokens/s: {statistics.median(r['tokens_per_s'] for r in timed):,.0f} "
-          f"(rollout alone {statistics.median(r['throughput/rollout_tokens_per_s'] for r in timed):,.0f}); "
-          f"mean response {statistics.mean(r['response/len'] for r in timed):.1f} tokens, "
-          f"think block {statistics.mean(r['response/think_len'] for r in timed):.1f}, "
-          f"guiding words {statistics.mean(r['response/guiding_words'] for r in timed):.2f}")
+    print(f"generated tokens/s: {med('tokens_per_s'):,.0f} (rollout alone "
+          f"{med('throughput/rollout_tokens_per_s'):,.0f}); mean response "
+          f"{mean('response/len'):.1f} tokens, think block {mean('response/think_len'):.1f}, "
+          f"guiding words {mean('response/guiding_words'):.2f}")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cli.run_main(bench)
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

@@ -1,21 +1,21 @@
 """Sampler on a GPU: correctness first, then tokens/s against `transformers.generate`.
 
     python benchmarks/bench_sampling_gpu.py                       # on the H100 / H200
-    python benchmarks/bench_sampling_gpu.py --preset tiny --new-tokens 16 --batches 1 4 \\
-        --check-preset tiny                                        # dry run on a CPU
+    python benchmarks/bench_sampling_gpu.py --preset=tiny --new_tokens=16 --batches=1,4 \\
+        --check_preset=tiny                                        # dry run on a CPU
 
 Expected run time on an H100/H200: ~4-6 min, most of it compiling (6 sampler programs for
 the 28-layer model, 3 for the check model) and HF batch 1 (~11 s per call); use timeout 600.
 
-1. Checks (float32, matmul precision "highest", TF32 off): a random untied `--check-preset`
-   model cut to `--check-layers` layers (real widths, heads and vocabulary), whose final-norm
+1. Checks (float32, matmul precision "highest", TF32 off): a random untied `--check_preset`
+   model cut to `--check_layers` layers (real widths, heads and vocabulary), whose final-norm
    scale is raised so its logits have std ~3 (random init gives nearly uniform distributions,
    which would hide bugs), exported with `export_hf` and loaded by `transformers`.
    Greedy: our 32 tokens == HF `generate`'s, batch 3, prompts of 3 lengths; their log-probs ==
    HF's log-softmax of its raw scores (<= 1e-3). Sampled (T 0.8, top-k 50): our log-probs ==
    HF's teacher-forced forward over prompt + output (<= 1e-3).
 2. Timing (bf16 weights, bf16 KV cache): `--preset` (Qwen3-0.6B shape), random prompts of
-   `--prompt-len` tokens, `--new-tokens` per row, no EOS. Compile excluded (warm-up call);
+   `--prompt_len` tokens, `--new_tokens` per row, no EOS. Compile excluded (warm-up call);
    median of `--reps` calls; tokens/s = batch · new tokens / wall time of a call (prefill
    included, as in generate). Variants: ours `sample` (temperature 1, no filters), ours
    `synthesis` (temperature 0.6, top-p 0.95, top-k 20, five never-firing stop strings over a
@@ -30,7 +30,6 @@ import os
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # JAX and PyTorch share the GPU
 
-import argparse  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -40,10 +39,22 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import transformers  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import opera_jax  # noqa: E402
 from opera_jax.sampling import Sampler  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("preset", "qwen3-0.6b", "Qwen3Config preset timed")
+flags.DEFINE_string("check_preset", "qwen3-0.6b", "Qwen3Config preset of the checks")
+flags.DEFINE_integer("check_layers", 4, "layers of the check model")
+flags.DEFINE_list("batches", ["1", "64"], "batch sizes (prompts per call)")
+flags.DEFINE_integer("prompt_len", 128, "prompt tokens")
+flags.DEFINE_integer("new_tokens", 256, "tokens decoded per row")
+flags.DEFINE_integer("reps", 3, "timed calls per variant")
+flags.DEFINE_bool("hf", True, "also time transformers generate (--nohf: ours only)")
 
 STOPS = ("\x00Wait", "\x00But", "\x00Hmm", "\x00Let me think", "\x00</think>")
 TORCH_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -59,7 +70,6 @@ def median_time(fn, reps: int) -> float:
 
 
 def hf_model(path_or_cfg, dtype):
-    import transformers
     if isinstance(path_or_cfg, str):
         m = transformers.Qwen3ForCausalLM.from_pretrained(path_or_cfg, dtype=dtype,
                                                           attn_implementation="sdpa")
@@ -129,34 +139,27 @@ def check(preset: str, layers: int) -> list[str]:
     return failures
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--preset", default="qwen3-0.6b")
-    parser.add_argument("--check-preset", default="qwen3-0.6b")
-    parser.add_argument("--check-layers", type=int, default=4)
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
-    parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--new-tokens", type=int, default=256)
-    parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--no-hf", action="store_true")
-    args = parser.parse_args()
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     print(f"jax {jax.__version__} on {jax.devices()}; torch {torch.__version__} on {TORCH_DEVICE}")
 
     t0 = time.perf_counter()
-    failures = check(args.check_preset, args.check_layers)
+    failures = check(FLAGS.check_preset, FLAGS.check_layers)
     print(f"checks took {time.perf_counter() - t0:.0f} s")
 
-    cfg = opera_jax.Qwen3Config.preset(args.preset)
+    cfg = opera_jax.Qwen3Config.preset(FLAGS.preset)
     model = opera_jax.init_model(cfg, seed=0, dtype="bfloat16")
     # Synthetic token table as wide as a real Qwen3 one (128 bytes), for the stop matcher cost.
     pieces = [f"<{i}>".encode() for i in range(cfg.vocab_size)]
     pieces[-1] = b"-" * 128
     sampler = Sampler(model, token_pieces=pieces, pad_id=0)
     rng = np.random.default_rng(0)
-    new = args.new_tokens
+    new = FLAGS.new_tokens
     rows = []
-    for b in args.batches:
-        prompts = rng.integers(0, 1000, size=(b, args.prompt_len)).tolist()
+    batches = [int(b) for b in FLAGS.batches]
+    for b in batches:
+        prompts = rng.integers(0, 1000, size=(b, FLAGS.prompt_len)).tolist()
         for name, kw in (("sample", dict(temperature=1.0)),
                          ("synthesis", dict(temperature=0.6, top_p=0.95, top_k=20, stop=STOPS))):
             def ours(kw=kw):
@@ -166,20 +169,19 @@ def main():
             t1 = time.perf_counter()
             ours()
             compile_s = time.perf_counter() - t1
-            t = median_time(ours, args.reps)
+            t = median_time(ours, FLAGS.reps)
             rows.append((b, f"ours {name}", b * new / t, t, compile_s))
             print(rows[-1], flush=True)
     del sampler, model
 
-    if not args.no_hf:
-        import transformers
+    if FLAGS.hf:
         hf_cfg = transformers.Qwen3Config(**{k: v for k, v in cfg.to_hf_dict().items()
                                              if k not in ("architectures", "model_type")})
         hf_cfg._attn_implementation = "sdpa"
         torch.manual_seed(0)
         hf = hf_model(hf_cfg, torch.bfloat16)
-        for b in args.batches:
-            ids = torch.from_numpy(rng.integers(0, 1000, size=(b, args.prompt_len))).to(
+        for b in batches:
+            ids = torch.from_numpy(rng.integers(0, 1000, size=(b, FLAGS.prompt_len))).to(
                 TORCH_DEVICE)
 
             def theirs(n=new):
@@ -195,7 +197,7 @@ def main():
             rows.append((b, "hf generate", b * new / t, t, 0.0))
             print(rows[-1], flush=True)
 
-    print(f"\n{args.preset}, prompt {args.prompt_len}, {new} new tokens, "
+    print(f"\n{FLAGS.preset}, prompt {FLAGS.prompt_len}, {new} new tokens, "
           f"device {jax.devices()[0].device_kind}")
     print("| batch | sampler | tokens/s | s per call | ms per step | compile s |")
     print("| ---: | --- | ---: | ---: | ---: | ---: |")
@@ -205,4 +207,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)

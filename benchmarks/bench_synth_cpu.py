@@ -1,12 +1,12 @@
 """Cold-start synthesis on the CPU: batched vs the published one-prompt-one-candidate procedure.
 
-    python benchmarks/bench_synth_cpu.py [--prompts 32] [--batch-prompts 32] [--teacher-dir DIR]
-                                         [--no-transformers]
+    python benchmarks/bench_synth_cpu.py [--prompts=32] [--batch_prompts=32] [--teacher_dir=DIR]
+                                         [--notransformers]
 
 The comparison only means something if the teacher really writes guiding words, so the teacher
 is a tiny Qwen3 trained from scratch on the embedded toy domain (opera_jax/train/sft.py with
 configs/sft_tiny.py; half of the prompts wrapped by `wrap_prompt`, as the warm-up stage does),
-exported to --teacher-dir and reused by later runs (retrained when the wrapper text changed).
+exported to --teacher_dir and reused by later runs (retrained when the wrapper text changed).
 Any other HF Qwen3 directory works as it is.
 
 All modes synthesise the same toy prompts with the same seed and settings (configs/
@@ -21,7 +21,7 @@ synth_tiny.py: B = 4 candidates, ≤ 20 reflective states, T 0.6, top-p 0.95, to
               in one call (one prefill of the context);
   batched     batch_prompts=P: every in-flight prompt advances one phase per round, all
               candidates of all prompts in shared sampler calls (at most four per round);
-  chunked     the same, calls cut to --rows-per-call rows of similar context length (on a CPU
+  chunked     the same, calls cut to --rows_per_call rows of similar context length (on a CPU
               a row costs nearly the same in any batch, so smaller calls waste less on prompt
               padding and a shorter cache).
 Batched modes narrow each call's batch as its rows finish (`synth.compact`).
@@ -30,31 +30,43 @@ Each mode runs once cold (compiling), then --reps times timed, every shape compi
 modes' records are compared with the sequential ones: per-row seeds make them equal.
 """
 
-import argparse
 import dataclasses
 import json
+import logging
 import os
-import sys
 import tempfile
 import time
 
 import jax
 import numpy as np
+import transformers
+from absl import app, flags
 from flax import nnx
 
-from opera_jax import export_hf, load_pretrained, make_mesh
+from opera_jax import cli, export_hf
+from opera_jax.config import build
+from opera_jax.config.runs import parse
+from opera_jax.config.setups import sft_tiny, synth_tiny
 from opera_jax.data import toy_domain
-from opera_jax.data.jsonl import read_jsonl, write_jsonl
-from opera_jax.synth import read_records, synthesize, wrap_prompt
-from opera_jax.synth.scheduler import Batching
+from opera_jax.data.jsonl import write_jsonl
+from opera_jax.synth import Scheduler, read_records, records_path, synthesize, wrap_prompt
+from opera_jax.synth.stage import read_prompts
 from opera_jax.synth.wrapper import WRAPPER
-from opera_jax.train import state as state_lib
-from opera_jax.train.cli import load_config_file
-from opera_jax.train.sft import train
+from opera_jax.tokenizer import default_eos_ids, special_token_ids
+from opera_jax.train import sft
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-SFT_CONFIG = os.path.join(HERE, os.pardir, "configs", "sft_tiny.py")
-SYNTH_CONFIG = os.path.join(HERE, os.pardir, "configs", "synth_tiny.py")
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("prompts", 32, "toy prompts (held-out scenes) to synthesise")
+flags.DEFINE_integer("batch_prompts", 32, "prompts in flight in the batched modes")
+flags.DEFINE_integer("rows_per_call", 32, "the chunked batched mode's cap on rows per call")
+flags.DEFINE_integer("reps", 3, "timed runs per mode (after a cold one)")
+flags.DEFINE_string("teacher_dir", os.path.join(tempfile.gettempdir(), "opera_toy_teacher"),
+                    "HF directory of the teacher (trained there when missing)")
+flags.DEFINE_integer("sft_steps", 400, "SFT steps of a teacher this script trains")
+flags.DEFINE_integer("sft_examples", 2048, "toy examples of a teacher this script trains")
+flags.DEFINE_bool("transformers", True, "also run the published stack (PyTorch transformers, "
+                  "~0.1 s per prompt; --notransformers skips it)")
+
 MARKER = "bench_synth_teacher.json"  # written next to a teacher this script trained
 
 
@@ -77,71 +89,71 @@ def train_teacher(out_dir: str, *, steps: int, examples: int, seed: int = 0) -> 
     for r in rows:
         if rng.random() < 0.5:
             r["prompt"] = wrap_prompt(r["prompt"])
-    c = load_config_file(SFT_CONFIG)
+    c = sft_tiny()
     c.workdir = work
     c.data.path = write_jsonl(os.path.join(work, "teacher_sft.jsonl"), rows)
-    c.data.write_toy_rows = 0
-    c.data.seq_len = 384
+    c.sft.seq_len = 384
     c.sft.steps = steps
     c.sft.log_every = max(1, steps // 10)
+    c.sft.optim.warmup_frac = min(1.0, 20 / steps)  # 20 warm-up steps
     c.checkpoint.every = steps
     c.checkpoint.async_save = False
     c.model.dtype = "float32"
     c.mesh.num_devices = 1
-    c.optim.warmup_steps = 20
+    run = parse(c)
     t0 = time.perf_counter()
-    state = train(c)
-    graphdef, _ = state_lib.abstract_params(c.model, make_mesh(devices=jax.devices()[:1]))
+    state = sft.train(run)
+    graphdef, _ = build.abstract_params(run.model, build.make_mesh(run.mesh))
     model = nnx.merge(graphdef, state.params)
-    export_hf(model, out_dir, tokenizer=state_lib.model_tokenizer(c.model))
+    export_hf(model, out_dir, tokenizer=build.load_model_tokenizer(run.model), overwrite=True)
     with open(os.path.join(out_dir, MARKER), "w", encoding="utf-8") as f:
         json.dump({"wrapper": WRAPPER, "steps": steps, "examples": examples}, f)
     print(f"teacher: {steps} SFT steps in {time.perf_counter() - t0:.0f} s -> {out_dir}",
           flush=True)
 
 
-def run_mode(teacher, prompts_path: str, out_dir: str, name: str, *, teacher_dir: str,
+def synth_run(prompts: str, teacher_dir: str, workdir: str, **synth):
+    """configs/synth_tiny.py's run with the teacher at `teacher_dir`, on `prompts`."""
+    c = synth_tiny()
+    c.workdir, c.data.path = workdir, prompts
+    c.model.hf_dir, c.model.preset = teacher_dir, None
+    c.synth.progress = False
+    for key, value in synth.items():
+        c.synth[key] = value
+    return parse(c)
+
+
+def run_mode(teacher, prompts: str, out_dir: str, name: str, *, teacher_dir: str,
              reps: int, **synth) -> dict:
     """One cold run (compiles), then `reps` timed runs of one mode over the same prompts."""
     summaries = []
     for rep in range(reps + 1):
-        c = load_config_file(SYNTH_CONFIG)
-        c.output = os.path.join(out_dir, f"{name}_{rep}.jsonl")
-        c.input = prompts_path
-        c.write_toy_prompts = 0
-        c.progress = False
-        c.teacher.hf_dir = teacher_dir
-        for key, value in synth.items():
-            c.synth[key] = value
-        summaries.append(synthesize(c, teacher=teacher))
+        run = synth_run(prompts, teacher_dir, os.path.join(out_dir, f"{name}_{rep}"), **synth)
+        summaries.append(synthesize(run, teacher=teacher))
     timed = sorted(summaries[1:], key=lambda x: x["seconds"])
     return {"cold": summaries[0], "median": timed[len(timed) // 2], "best": timed[0],
-            "records": read_records(c.output)}
+            "records": read_records(records_path(run))}
 
 
-def run_transformers(prompts_path: str, *, teacher_dir: str, reps: int) -> dict:
+def run_transformers(prompts: str, out_dir: str, *, teacher_dir: str, reps: int) -> dict:
     """The published stack (hf_synth_baseline.py) over the same prompts: `run_mode`'s result."""
+    # Lazy: PyTorch is no dependency of opera_jax, and only this mode needs it.
     import torch
 
     from hf_synth_baseline import TransformersSampler
-    from opera_jax.sampling import default_eos_ids
-    from opera_jax.synth.scheduler import Scheduler
-    from opera_jax.synth.stage import settings_from
-    from opera_jax.tokenizer import load_tokenizer, special_token_ids
 
-    c = load_config_file(SYNTH_CONFIG)
-    settings, _ = settings_from(c)
-    tok = load_tokenizer(teacher_dir)
+    run = synth_run(prompts, teacher_dir, os.path.join(out_dir, "transformers"))
+    settings = dataclasses.replace(run.synth, batch_prompts=1, batch_candidates=False,
+                                   compact=False)
+    tok = build.load_model_tokenizer(run.model)
     sampler = TransformersSampler(teacher_dir, tok, eos_ids=default_eos_ids(tok),
                                   pad_id=special_token_ids(tok)["pad"] or 0)
-    rows = read_jsonl(prompts_path, required=("id", "prompt", "reference"))
-    rows = [{k: v for k, v in r.items() if k != "_source"} for r in rows]
-    print(f"transformers {transformers_version()}, torch {torch.__version__}, "
+    rows, _, _ = read_prompts(run, tok)
+    print(f"transformers {transformers.__version__}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads", flush=True)
     summaries, records = [], []
     for _ in range(reps + 1):
-        scheduler = Scheduler(sampler, tok, settings,
-                              Batching(batch_prompts=1, batch_candidates=False, compact=False))
+        scheduler = Scheduler(sampler, tok, settings)
         records = []
         start = time.perf_counter()
         scheduler.run(rows, on_done=lambda job: records.append(job.record()))
@@ -156,43 +168,26 @@ def run_transformers(prompts_path: str, *, teacher_dir: str, reps: int) -> dict:
             "records": records}
 
 
-def transformers_version() -> str:
-    import transformers
-    return transformers.__version__
-
-
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--prompts", type=int, default=32)
-    p.add_argument("--batch-prompts", type=int, default=32)
-    p.add_argument("--rows-per-call", type=int, default=32,
-                   help="the chunked batched variant's cap on rows per sampler call")
-    p.add_argument("--reps", type=int, default=3, help="timed runs per mode (after a cold one)")
-    p.add_argument("--teacher-dir", default=os.path.join(tempfile.gettempdir(),
-                                                         "opera_toy_teacher"))
-    p.add_argument("--sft-steps", type=int, default=400)
-    p.add_argument("--sft-examples", type=int, default=2048)
-    p.add_argument("--no-transformers", action="store_true",
-                   help="skip the published stack (PyTorch transformers, ~0.1 s per prompt)")
-    args = p.parse_args()
+def bench(args) -> None:
+    # Every synthesis run logs its summary at INFO; the table below holds what matters.
+    logging.getLogger("opera_jax").setLevel(logging.WARNING)
     print(f"{jax.devices()[0].platform} x{jax.device_count()}, jax {jax.__version__}, "
           f"{args.prompts} prompts", flush=True)
 
     if needs_training(args.teacher_dir):
         train_teacher(args.teacher_dir, steps=args.sft_steps, examples=args.sft_examples)
-    teacher = load_pretrained(args.teacher_dir)
+    teacher = build.load_source(args.teacher_dir)
     out_dir = tempfile.mkdtemp(prefix="bench_synth_")
-    prompts = write_jsonl(os.path.join(out_dir, "prompts.jsonl"),
-                          toy_domain.prompt_rows(args.prompts, seed=11, held_out=True))
+    prompts = f"toy:heldout:{args.prompts}:11"  # held-out toy prompts, seed 11
 
     bp, rpc = args.batch_prompts, args.rows_per_call
     modes = {
-        "sequential, published procedure on our sampler": dict(batch_prompts=1, batch_candidates=False,
-                                       rows_per_call=0, compact=False),
+        "sequential, published procedure on our sampler": dict(
+            batch_prompts=1, batch_candidates=False, rows_per_call=None, compact=False),
         "1 prompt, B candidates per call": dict(batch_prompts=1, batch_candidates=True,
-                                                rows_per_call=0, compact=False),
+                                                rows_per_call=None, compact=False),
         f"batched, {bp} prompts in flight": dict(batch_prompts=bp, batch_candidates=True,
-                                                 rows_per_call=0),
+                                                 rows_per_call=None),
         f"batched, {bp} in flight, <= {rpc} rows per call": dict(
             batch_prompts=bp, batch_candidates=True, rows_per_call=rpc),
     }
@@ -200,8 +195,8 @@ def main():
                               teacher_dir=args.teacher_dir, **synth)
                for i, (name, synth) in enumerate(modes.items())}
     hf = None
-    if not args.no_transformers:
-        hf = run_transformers(prompts, teacher_dir=args.teacher_dir, reps=args.reps)
+    if args.transformers:
+        hf = run_transformers(prompts, out_dir, teacher_dir=args.teacher_dir, reps=args.reps)
 
     base = results["sequential, published procedure on our sampler"]
     key = lambda r: (r["id"], r["thinking"], r["output"])  # noqa: E731
@@ -233,8 +228,13 @@ def main():
     print("example record:", json.dumps({k: example[k] for k in (
         "prompt", "thinking", "output", "reflection_count", "chosen_ppl", "rejected_ppls")},
         ensure_ascii=False, indent=1))
-    return 0
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    cli.run_main(lambda: bench(FLAGS))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    app.run(main)

@@ -11,10 +11,9 @@ Steps, in one process:
   5. print a table: tokens/s, TFLOP/s, % of the measured ceiling.
 
     XLA_PYTHON_CLIENT_PREALLOCATE=false python benchmarks/bench_train_gpu.py
-    python benchmarks/bench_train_gpu.py --preset tiny --batch 2 --seq 64 --steps 2  # CPU smoke
+    python benchmarks/bench_train_gpu.py --preset=tiny --batch=2 --seq=64 --steps=2  # CPU smoke
 """
 
-import argparse
 import os
 import tempfile
 import time
@@ -24,9 +23,22 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from absl import app, flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from opera_jax import Qwen3Config, load_pretrained  # noqa: E402
+from opera_jax.tokenizer import load_tokenizer  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("preset", "qwen3-0.6b", "Qwen3Config preset")
+flags.DEFINE_integer("batch", 8, "rows per step")
+flags.DEFINE_integer("seq", 2048, "tokens per row")
+flags.DEFINE_integer("steps", 10, "timed steps")
+flags.DEFINE_list("impls", None, "attention backends to time (default: cudnn,xla on a GPU, "
+                  "xla on a CPU)")
+flags.DEFINE_bool("torch", True, "also time transformers (--notorch: opera_jax only)")
 
 
 def timeit(fn, steps, sync):
@@ -47,37 +59,26 @@ def matmul_ceiling(n=8192, steps=10):
 
 
 def hf_model(cfg, path, device, dtype):
-    import torch
-    import transformers
-
     torch.manual_seed(0)
     hf_cfg = transformers.Qwen3Config(**{k: v for k, v in cfg.to_hf_dict().items()
                                          if k not in ("architectures", "model_type")})
     hf_cfg._attn_implementation = "sdpa"
     model = transformers.Qwen3ForCausalLM(hf_cfg).to(dtype=dtype)
     model.save_pretrained(path)
-    from opera_jax.tokenizer import load_tokenizer
     load_tokenizer(None).save_pretrained(path)
     return model.to(device)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="qwen3-0.6b")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=2048)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--impls", nargs="+", default=None, help="attention backends to time")
-    p.add_argument("--no-torch", action="store_true")
-    args = p.parse_args()
-    import torch
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
 
     on_gpu = jax.default_backend() == "gpu"
     device = "cuda" if on_gpu and torch.cuda.is_available() else "cpu"
-    cfg = Qwen3Config.preset(args.preset)
-    if args.preset == "tiny":
+    cfg = Qwen3Config.preset(FLAGS.preset)
+    if FLAGS.preset == "tiny":
         cfg = cfg.replace(vocab_size=1024)
-    flops_tok = 3 * cfg.flops_per_token(args.seq)  # forward + backward (2× forward)
+    flops_tok = 3 * cfg.flops_per_token(FLAGS.seq)  # forward + backward (2× forward)
     ceiling = matmul_ceiling() if on_gpu else float("nan")
     rows = []
 
@@ -86,13 +87,14 @@ def main():
         dtype = "bfloat16" if on_gpu else "float32"
         rng = np.random.RandomState(0)
         # seq + 1 tokens: the model sees exactly `seq` inputs, predicting the next token at each.
-        tokens_np = rng.randint(0, cfg.vocab_size, (args.batch, args.seq + 1)).astype(np.int32)
+        tokens_np = rng.randint(0, cfg.vocab_size, (FLAGS.batch, FLAGS.seq + 1)).astype(np.int32)
 
         # 1. correctness: logits against PyTorch on a short batch
         model, _ = load_pretrained(path, dtype=dtype)
         probe = tokens_np[:2, :128]
         with torch.no_grad():
-            want = ref(torch.tensor(probe, device=device, dtype=torch.long)).logits.float().cpu().numpy()
+            probe_ids = torch.tensor(probe, device=device, dtype=torch.long)
+            want = ref(probe_ids).logits.float().cpu().numpy()
         got = np.asarray(model(jnp.asarray(probe)))
         err = np.abs(got - want).max() / np.abs(want).max()
         agree = (got.argmax(-1) == want.argmax(-1)).mean()
@@ -100,7 +102,7 @@ def main():
         assert agree > 0.9, "opera_jax and transformers disagree; not timing"
 
         # 2. opera_jax fwd+bwd per attention backend
-        impls = args.impls or (["cudnn", "xla"] if on_gpu else ["xla"])
+        impls = FLAGS.impls or (["cudnn", "xla"] if on_gpu else ["xla"])
         tokens = jnp.asarray(tokens_np)
         for impl in impls:
             model, _ = load_pretrained(path, dtype=dtype, attention_impl=impl)
@@ -112,13 +114,13 @@ def main():
                 return -m.logprobs(hidden, tokens[:, 1:], chunk_size=1024).mean()
 
             step = jax.jit(jax.value_and_grad(loss_fn))
-            dt = timeit(lambda: step(state, tokens), args.steps,
+            dt = timeit(lambda: step(state, tokens), FLAGS.steps,
                         lambda o: jax.block_until_ready(o))
-            rows.append((f"opera_jax ({impl})", args.batch * args.seq / dt, dt))
+            rows.append((f"opera_jax ({impl})", FLAGS.batch * FLAGS.seq / dt, dt))
             del model, state
 
         # 3. transformers fwd+bwd
-        if not args.no_torch:
+        if FLAGS.torch:
             ref.train()
             ids = torch.tensor(tokens_np[:, :-1], device=device, dtype=torch.long)
             sync = (lambda o: torch.cuda.synchronize()) if device == "cuda" else (lambda o: None)
@@ -129,16 +131,18 @@ def main():
                 loss.backward()
                 return loss
 
-            dt = timeit(torch_step, args.steps, sync)
-            rows.append(("transformers (sdpa)", args.batch * args.seq / dt, dt))
+            dt = timeit(torch_step, FLAGS.steps, sync)
+            rows.append(("transformers (sdpa)", FLAGS.batch * FLAGS.seq / dt, dt))
 
     print(f"\n{jax.devices()[0].device_kind}, jax {jax.__version__}, torch {torch.__version__}, "
-          f"{args.preset}, batch {args.batch} × seq {args.seq}, matmul ceiling {ceiling:.0f} TFLOP/s")
+          f"{FLAGS.preset}, batch {FLAGS.batch} × seq {FLAGS.seq}, "
+          f"matmul ceiling {ceiling:.0f} TFLOP/s")
     print(f"{'what':<24} {'tokens/s':>10} {'ms/step':>9} {'TFLOP/s':>9} {'% ceiling':>10}")
     for name, tps, dt in rows:
         tflops = tps * flops_tok / 1e12
-        print(f"{name:<24} {tps:>10,.0f} {dt * 1e3:>9.1f} {tflops:>9.1f} {100 * tflops / ceiling:>9.1f}%")
+        print(f"{name:<24} {tps:>10,.0f} {dt * 1e3:>9.1f} {tflops:>9.1f} "
+              f"{100 * tflops / ceiling:>9.1f}%")
 
 
 if __name__ == "__main__":
-    main()
+    app.run(main)
