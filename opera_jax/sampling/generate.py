@@ -87,7 +87,7 @@ def completions(samples: Samples, table: stops.TokenTable, stop: Sequence[str],
 def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens, temperature=1.0,
              top_p=1.0, top_k=0, n: int = 1, stop: Sequence[str] = (), seed: int = 0,
              eos_ids: Sequence[int] | None = None, mesh=None,
-             prompt_logprobs: bool = False) -> list[Completion]:
+             prompt_logprobs: bool = False, slots: int | str | None = None) -> list[Completion]:
     """Samples n continuations of each prompt string.
 
     Args:
@@ -99,6 +99,8 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens, temper
       seed: fixes the samples. eos_ids: default `default_eos_ids(tokenizer)`.
       mesh: optional (data, fsdp, tensor) mesh.
       prompt_logprobs: also score the prompt tokens (perplexity over prompt + output).
+      slots: None = one fixed batch; S or "auto" = the continuous-batching engine with at
+        most S rows decoding at once (`Sampler.sample`).
     Returns:
       len(prompts) · n Completions, prompt-major (prompt i's samples are [i·n, (i+1)·n)).
     """
@@ -111,5 +113,5 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens, temper
     ids = [encode(tokenizer, p) for p in prompts]
     samples = sampler.sample(ids, max_new_tokens=max_new_tokens, temperature=temperature,
                              top_p=top_p, top_k=top_k, n=n, stop=stop, seed=seed,
-                             prompt_logprobs=prompt_logprobs)
+                             prompt_logprobs=prompt_logprobs, slots=slots)
     return completions(samples, sampler.table, stop, eos_ids)
