@@ -47,12 +47,6 @@ class PagedKernel(str, enum.Enum):
     PALLAS_TPU = "pallas_tpu"
 
 
-def default_kernel(platform: str | None = None) -> PagedKernel:
-    """TPU: the Pallas kernel; GPU and CPU: the XLA path (see the GPU benchmark for Pallas)."""
-    platform = platform or jax.default_backend()
-    return PagedKernel.PALLAS_TPU if platform == "tpu" else PagedKernel.XLA
-
-
 @dataclasses.dataclass(frozen=True)
 class PagedAttention:
     """Static choice of decode kernel and its tiling (hashable)."""
@@ -61,6 +55,18 @@ class PagedAttention:
     slot_tile: int = 8  # XLA: rows per tile (0 = all rows in one tile)
     page_block: int = 4  # XLA: pages per loop iteration; PALLAS_*: pages per compute block
     interpret: bool = False  # PALLAS_*: run the kernel in the Pallas interpreter (tests)
+
+
+def default_attention(platform: str | None = None) -> PagedAttention:
+    """TPU: the Pallas kernel. GPU: the XLA path in one tile of all rows and 32-page blocks
+    (few, large loop iterations; `benchmarks/bench_engine_gpu.py` also times PALLAS_GPU).
+    CPU: the XLA path in tiles of 8 rows and 4-page blocks (work follows each tile's rows)."""
+    platform = platform or jax.default_backend()
+    if platform == "tpu":
+        return PagedAttention(PagedKernel.PALLAS_TPU, page_block=8)
+    if platform in ("gpu", "cuda", "rocm"):
+        return PagedAttention(PagedKernel.XLA, slot_tile=0, page_block=32)
+    return PagedAttention(PagedKernel.XLA, slot_tile=8, page_block=4)
 
 
 def bytes_per_token(config, dtype) -> int:

@@ -27,7 +27,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from opera_jax.model.paged import PagedAttention, bytes_per_token, default_kernel
+from opera_jax.model.paged import PagedAttention, bytes_per_token, default_attention
 from opera_jax.sampling import filters, loop, stops
 from opera_jax.sampling.engine import Engine
 from opera_jax.sharding import named_sharding, state_shardings, to_host
@@ -133,7 +133,7 @@ class Sampler:
         self.compute_dtype = jnp.dtype(model.dtype).name
         self._engine: Engine | None = None
         self._engine_args = dict(kv_memory=kv_memory, page_size=page_size,
-                                 attention=paged_attention or PagedAttention(default_kernel()),
+                                 attention=paged_attention or default_attention(),
                                  chunk=prefill_chunk, prefix_cache=prefix_cache)
         self.graphdef, params = nnx.split(model)
         self.set_params(params)
