@@ -23,9 +23,10 @@ Attention kernels (`PagedKernel`), one query per row (decode):
            `fori_loop` over blocks of `page_block` pages up to the tile's longest row with an
            online softmax. Work follows the rows' own lengths (at tile granularity), not J·P;
            gathered blocks stay small (tile · block pages).
-  * PALLAS_GPU / PALLAS_TPU — `jax.experimental.pallas.ops.{gpu,tpu}.paged_attention`.
-Several queries per row (chunked prefill) always take the XLA chunk path: the row's J pages
-are gathered once for all T queries.
+  * PALLAS_GPU / PALLAS_TPU — `jax.experimental.pallas.ops.{gpu,tpu}.paged_attention` (the TPU
+           kernel reads the pages in bfloat16).
+`default_attention()` picks per platform. Several queries per row (chunked prefill) always take
+the XLA chunk path: the row's J pages are gathered once for all T queries.
 """
 
 from __future__ import annotations
