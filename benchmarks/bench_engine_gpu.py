@@ -3,7 +3,7 @@ and transformers `generate`.
 
     XLA_PYTHON_CLIENT_PREALLOCATE=false python benchmarks/bench_engine_gpu.py     # H100 / H200
     python benchmarks/bench_engine_gpu.py --preset tiny --check-preset tiny --check-layers 2 \\
-        --prompts 4 --n 4 --cap 64 --slots 8 --hf-rows 8 --kernels xla pallas_gpu  # CPU dry run
+        --prompts 4 --n 4 --cap 64 --slots 8 --hf-rows 8 --kernels xla --dtype float32  # CPU
 
 Expected run time on an H200: ~7-9 min (use timeout 600): compiling the 28-layer programs
 (engine per kernel and slot count, the fixed sampler), the fixed sampler's calls (each runs to
@@ -15,13 +15,14 @@ its longest row) and HF's batch (~40 ms a step). `--cap` and `--hf-rows` scale i
    * greedy, 6 prompts around the page size × 2 samples on 4 slots (rows queue): every row ==
      HF `generate` of its prompt alone, log-probs == HF's forward (<= 1e-3);
    * sampled (T 1): the engine's rows == the fixed-batch sampler's (same streams; reported);
-   * every kernel of `--kernels` gives the same greedy rows as the XLA path (a kernel that
-     does not compile is reported and skipped in the timing).
-2. Timing (bf16 weights, bf16 pages), `--preset` (Qwen3-0.6B shape), the rollout workload of
-   rollout_workload.py (`--prompts` × `--n`, prompts of 64-255 tokens, log-normal response
-   lengths with median cap / 6 and 5 % at `--cap`, as per-row max_new_tokens, no EOS),
+   * every kernel of `--check-kernels` gives the same greedy rows as the XLA path (a kernel
+     that does not compile is reported and left out of the timing).
+2. Timing (weights and pages in `--dtype`, bf16 by default), `--preset` (Qwen3-0.6B shape),
+   the workload of rollout_workload.py (`--prompts` × `--n`, prompts of 64-255 tokens, response
+   lengths log-normal with median cap / 6 and 5 % at `--cap`, per-row max_new_tokens, no EOS),
    temperature 1. Each program is compiled by a short call of the same shapes first.
-   * engine: `Sampler.sample(slots=S)` for each S of `--slots` and kernel of `--kernels`;
+   * engine: `Sampler.sample(slots=S)` for each S of `--slots` and kernel of `--kernels`
+     (those that passed the check);
    * fixed: today's sampler, `--fixed-prompts` prompts per call (its [rows, prompt + cap]
      cache must fit: 256 rows × 1,280 slots × 112 KiB = 35 GiB at the defaults);
    * hf: transformers `generate` (SDPA, bf16) on the workload's first `--hf-rows` rows in one
@@ -146,6 +147,8 @@ def main():
     parser.add_argument("--cap", type=int, default=1024)
     parser.add_argument("--slots", type=int, nargs="+", default=[256])
     parser.add_argument("--kernels", nargs="+", default=["xla", "pallas_gpu"])
+    parser.add_argument("--check-kernels", nargs="+", default=["xla", "pallas_gpu"])
+    parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--fixed-prompts", type=int, default=16)
     parser.add_argument("--hf-rows", type=int, default=64)
     args = parser.parse_args()
@@ -153,11 +156,12 @@ def main():
           f"{TORCH_DEVICE}")
 
     t0 = time.perf_counter()
-    failures, kernels = check(args.check_preset, args.check_layers, args.kernels)
+    failures, working = check(args.check_preset, args.check_layers, args.check_kernels)
+    kernels = [k for k in args.kernels if k in working]
     print(f"checks took {time.perf_counter() - t0:.0f} s", flush=True)
 
     cfg = opera_jax.Qwen3Config.preset(args.preset)
-    model = opera_jax.init_model(cfg, seed=0, dtype="bfloat16")
+    model = opera_jax.init_model(cfg, seed=0, dtype=args.dtype)
     w = rollout(prompts=args.prompts, n=args.n, cap=args.cap, min_prompt=64, max_prompt=256,
                 vocab=min(cfg.vocab_size, 100_000))
     total = w.generated_tokens
@@ -201,7 +205,7 @@ def main():
         steps += int(new.max())
     secs = time.perf_counter() - t1
     width = -(-255 // 16) * 16 + int(2 ** np.ceil(np.log2(args.cap)))
-    kv = per * w.n * width * bytes_per_token(cfg, "bfloat16") / 2**30
+    kv = per * w.n * width * bytes_per_token(cfg, args.dtype) / 2**30
     rows.append((f"fixed, {per} prompts a call", total / secs, secs, steps, None, kv, None,
                  compile_s))
     print(rows[-1], flush=True)
@@ -214,7 +218,8 @@ def main():
                                              if k not in ("architectures", "model_type")})
         hf_cfg._attn_implementation = "sdpa"
         torch.manual_seed(0)
-        hf = transformers.Qwen3ForCausalLM(hf_cfg).to(torch.bfloat16).to(TORCH_DEVICE).eval()
+        hf = transformers.Qwen3ForCausalLM(hf_cfg).to(getattr(torch, args.dtype)).to(
+            TORCH_DEVICE).eval()
         r = args.hf_rows
         lens = w.max_new[:r]
         prompts = [w.prompts[i // w.n] for i in range(r)]

@@ -14,6 +14,8 @@ from flax import nnx
 
 import opera_jax
 from opera_jax.sampling import TRACE_COUNT, FinishReason, Sampler, generate, token_bytes
+from opera_jax.sharding import make_mesh
+from opera_jax.tokenizer import encode
 
 KV = 4 << 20  # 4 MiB pool: 256 pages of 16 tiny-model tokens (1 KiB each)
 
@@ -76,11 +78,13 @@ def test_greedy_queued_rows_match_transformers_alone(loaded):
         np.testing.assert_allclose(out.prompt_logprobs[i], hf_logprobs(hf, prompt, 1),
                                    atol=1e-4, rtol=0)
     # The text API, same engine path.
-    texts = [tok.decode(p) for p in prompts[:3]]
-    comps = generate(model, tok, texts, max_new_tokens=10, temperature=0.0, eos_ids=(),
-                     slots=2)
-    fixed = generate(model, tok, texts, max_new_tokens=10, temperature=0.0, eos_ids=())
-    assert [c.token_ids for c in comps] == [c.token_ids for c in fixed]
+    texts = [tok.decode(p) for p in prompts]
+    ids = [encode(tok, t) for t in texts]
+    assert 32 < max(map(len, ids)) <= 64
+    comps = generate(model, tok, texts, max_new_tokens=max_new, temperature=0.0, n=2,
+                     eos_ids=(), slots=3)
+    want = s.sample(ids, max_new_tokens=max_new, temperature=0.0, n=2, slots=3)
+    assert [c.token_ids for c in comps] == [want.row(r)[0].tolist() for r in range(12)]
 
 
 def test_sampled_rows_do_not_depend_on_slots(spread, loaded):
@@ -180,3 +184,20 @@ def test_preemption_when_the_pool_runs_out(spread, loaded):
     np.testing.assert_array_equal(got.lengths, want.lengths)
     np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
     assert tight.engine.pages_in_use() == 0
+
+
+@pytest.mark.slow  # ~30 s: compiles the engine for 8 (fake) devices
+def test_same_rows_on_a_mesh(loaded):
+    model, tok, _ = loaded
+    prompts = random_prompts([5, 17, 33, 9], seed=4)
+    kw = dict(max_new_tokens=[20, 5, 30, 12], temperature=0.0, n=2, slots=4,
+              prompt_logprobs=True)
+    want = Sampler(model, pad_id=tok.pad_token_id, kv_memory=KV).sample(prompts, **kw)
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    s = Sampler(model, pad_id=tok.pad_token_id, kv_memory=KV, mesh=mesh)
+    got = s.sample(prompts, **kw)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
+    for a, b in zip(got.prompt_logprobs, want.prompt_logprobs):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert len(s.engine.pool.k[0].addressable_shards) == 8  # the pool lives on the mesh

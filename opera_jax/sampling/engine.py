@@ -32,6 +32,10 @@ synthesis job's next phase (context + kept text) or its B candidates at a branch
 those pages and prefills only the rest, in this call or any later call on the same `Sampler`.
 Nothing to pass: the handle is the Sampler itself (its `engine`); `engine.last_stats` says how
 many prompt tokens were reused and prefilled.
+
+Meshes. On a mesh the parameters stay sharded as they are and the pool follows (GSPMD shards
+its kv-head axis over `tensor`); slots are not split over `data` / `fsdp`: one engine serves
+the whole mesh, and data-parallel engines (one per replica group) are left to the caller.
 """
 
 from __future__ import annotations

@@ -16,9 +16,12 @@ import dataclasses
 import functools
 from typing import Sequence
 
+import numpy as np
+
+from opera_jax.model.paged import bytes_per_token
 from opera_jax.sampling import stops
 from opera_jax.sampling.loop import FinishReason
-from opera_jax.sampling.sampler import Sampler, Samples
+from opera_jax.sampling.sampler import Sampler, Samples, _per_row, default_kv_memory
 from opera_jax.tokenizer import encode, special_token_ids
 
 
@@ -108,9 +111,14 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens, temper
     eos_ids = tuple(default_eos_ids(tokenizer) if eos_ids is None else eos_ids)
     pieces = _token_pieces(tokenizer, model.config.vocab_size)
     pad = special_token_ids(tokenizer)["pad"]
-    sampler = Sampler(model, token_pieces=pieces, eos_ids=eos_ids,
-                      pad_id=pad if pad is not None else 0, mesh=mesh)
     ids = [encode(tokenizer, p) for p in prompts]
+    kv_memory = None
+    if slots is not None:  # a pool for this call alone: no larger than all of its rows
+        max_new = _per_row(max_new_tokens, len(ids), n, np.int64)
+        tokens = sum(map(len, ids)) + int(max_new.sum()) + 16 * (len(max_new) + len(ids) + 1)
+        kv_memory = min(default_kv_memory(), tokens * bytes_per_token(model.config, model.dtype))
+    sampler = Sampler(model, token_pieces=pieces, eos_ids=eos_ids,
+                      pad_id=pad if pad is not None else 0, mesh=mesh, kv_memory=kv_memory)
     samples = sampler.sample(ids, max_new_tokens=max_new_tokens, temperature=temperature,
                              top_p=top_p, top_k=top_k, n=n, stop=stop, seed=seed,
                              prompt_logprobs=prompt_logprobs, slots=slots)
