@@ -89,14 +89,24 @@ def test_greedy_queued_rows_match_transformers_alone(loaded):
 
 def test_sampled_rows_do_not_depend_on_slots(spread, loaded):
     _, tok, _ = loaded
-    s = Sampler(spread, token_pieces=token_bytes(tok), pad_id=tok.pad_token_id, kv_memory=KV)
     rng = np.random.default_rng(5)
     prompts = random_prompts(rng.integers(1, 40, size=10).tolist(), seed=5)
-    kw = dict(max_new_tokens=rng.integers(1, 41, size=20),  # one per row
-              temperature=0.9, top_k=20, top_p=0.95, n=2, stop=["e", "ab"], seed=4,
-              row_seeds=rng.permutation(1000)[:20], prompt_logprobs=True)
+    max_new = rng.integers(1, 41, size=20)  # one per row
+    max_new[7] = 0
+    kw = dict(max_new_tokens=max_new, temperature=0.9, top_k=20, top_p=0.95, n=2,
+              stop=["e", "ab"], seed=4, row_seeds=rng.permutation(1000)[:20],
+              prompt_logprobs=True)
+    pieces = token_bytes(tok)
+    # EOS: a token the rows often sample.
+    plain = Sampler(spread, token_pieces=pieces, pad_id=tok.pad_token_id).sample(prompts, **kw)
+    eos = int(np.bincount(plain.tokens[plain.tokens != tok.pad_token_id]).argmax())
+    s = Sampler(spread, token_pieces=pieces, eos_ids=[eos], pad_id=tok.pad_token_id,
+                kv_memory=KV)
     ref = s.sample(prompts, **kw)  # the fixed-batch sampler
-    assert len(set(ref.lengths.tolist())) > 8 and (ref.finish_reason == FinishReason.STOP).any()
+    assert len(set(ref.lengths.tolist())) > 8
+    assert {FinishReason.STOP, FinishReason.EOS, FinishReason.LENGTH} <= set(
+        ref.finish_reason.tolist())
+    assert ref.lengths[7] == 0 and ref.finish_reason[7] == FinishReason.LENGTH
     assert (ref.logprobs[:, 0] < -0.5).mean() > 0.25  # really sampling
     for slots in (3, 8):
         got = s.sample(prompts, slots=slots, **kw)
@@ -134,6 +144,24 @@ def test_pages_come_back_and_refills_never_retrace(loaded):
     alloc = jax.device_get(s.engine.pool.alloc)
     assert int(alloc.top) == s.engine.num_pages - 1 and not alloc.refs.any()
     assert sorted(alloc.free[:alloc.top].tolist()) == list(range(1, s.engine.num_pages))
+
+
+def test_long_prompts_prefill_in_chunks_between_decode_steps(loaded):
+    model, tok, _ = loaded
+    # Chunks of 16 tokens: the 40- and 57-token prompts take 3 and 4 prefill calls, made while
+    # the first rows already decode on the 2 slots.
+    s = Sampler(model, pad_id=tok.pad_token_id, kv_memory=KV, prefill_chunk=16,
+                prefix_cache=False)
+    prompts = random_prompts([5, 40, 12, 57, 31], seed=8)
+    kw = dict(max_new_tokens=[30, 8, 20, 5, 12], temperature=0.0, prompt_logprobs=True)
+    got = s.sample(prompts, slots=2, **kw)
+    stats = s.engine.last_stats
+    assert stats.prefill_calls >= 4 + 1 and stats.segments > 3
+    want = Sampler(model, pad_id=tok.pad_token_id).sample(prompts, **kw)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
+    for a, b in zip(got.prompt_logprobs, want.prompt_logprobs):
+        np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_prefix_cache_prefills_only_the_new_tokens(loaded):
