@@ -201,215 +201,267 @@ class Engine:
           (SampleOutput of numpy arrays [len(prompts) · n, ...], per-prompt float32 prompt
           log-probs (positions 1 .. len - 1) or None). `last_stats` describes the call.
         """
-        p = self.page_size
-        count, real = len(prompts), len(prompts) * n
-        prompts = [np.asarray(x, np.int32) for x in prompts]
+        self._pool()
+        call = _Call(self, params, [np.asarray(x, np.int32) for x in prompts], n=n, rows=rows,
+                     capacity=capacity, stop=stop, seed=seed, slots=slots, mode=mode,
+                     topk_width=topk_width, use_stops=use_stops, pad_id=pad_id,
+                     prompt_logprobs=prompt_logprobs, put=put)
+        while call.pending or call.prefilling or call.ready or call.running:
+            call.prefill()
+            call.decode()
+        return call.finish()
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+class _Call:
+    """The host loop of one `Engine.run`: prompts wait in `pending`, are prefilled chunk by
+    chunk (`prefilling`), and their rows then wait in `ready` for a slot; `decode` runs a
+    segment and does the bookkeeping of what it admitted, and of running out of pages."""
+
+    def __init__(self, engine: Engine, params, prompts: list[np.ndarray], *, n, rows, capacity,
+                 stop, seed, slots, mode, topk_width, use_stops, pad_id, prompt_logprobs, put):
+        self.e, self.params, self.prompts, self.n = engine, params, prompts, n
+        self.stop, self.seed, self.slots, self.pad_id, self.put = stop, seed, slots, pad_id, put
+        p = engine.page_size
+        count, self.real = len(prompts), len(prompts) * n
         longest = max(len(x) for x in prompts)
         max_new = np.asarray(rows.max_new_tokens, np.int32)
-        r_pad = _bucket(real, 8)
-        chunk = min(self.chunk, max(p, _pow2(longest)))
-        high = max(slots, n)  # rows kept ready in the queue
-        low = max(1, slots // 4)  # refill below this
-        prompts_per_call = max(1, min(_pow2(-(-high // n)), _pow2(count),
-                                      self.prefill_tokens // chunk))
-        pages_per_slot = -(-(-(-(longest + capacity) // p)) // 16) * 16
-        num_entries = slots + prompts_per_call
-        dc = el.DecodeConfig(slots=slots, pages_per_slot=pages_per_slot, rows=r_pad,
-                             capacity=capacity, mode=mode, topk_width=topk_width,
-                             use_stops=use_stops, pad_id=pad_id, attention=self.attention)
-        pc = el.PrefillConfig(prompts=prompts_per_call, chunk=chunk,
-                              prompt_logprobs=prompt_logprobs, attention=self.attention)
+        r_pad = _bucket(self.real, 8)
+        self.chunk = min(engine.chunk, max(p, _pow2(longest)))
+        self.high = max(slots, n)  # rows kept ready in the queue
+        self.low = max(1, slots // 4)  # a segment pauses for more below this
+        self.prompts_per_call = max(1, min(_pow2(-(-self.high // n)), _pow2(count),
+                                           engine.prefill_tokens // self.chunk))
+        self.pages_per_slot = _round_up(-(-(longest + capacity) // p), 16)
+        self.num_entries = slots + self.prompts_per_call
+        self.dc = el.DecodeConfig(slots=slots, pages_per_slot=self.pages_per_slot, rows=r_pad,
+                                  capacity=capacity, mode=mode, topk_width=topk_width,
+                                  use_stops=use_stops, pad_id=pad_id, attention=engine.attention)
+        self.pc = el.PrefillConfig(prompts=self.prompts_per_call, chunk=self.chunk,
+                                   prompt_logprobs=prompt_logprobs, attention=engine.attention)
 
         def padded(x, fill):
             out = np.full((r_pad,), fill, np.asarray(x).dtype)
-            out[:real] = x
+            out[:self.real] = x
             return out
 
         row_id = np.arange(r_pad, dtype=np.int32)
-        row_id[:real] = rows.row_id
-        dev_rows = RowParams(temperature=put(padded(rows.temperature, 0.0)),
-                             top_k=put(padded(rows.top_k, 0)), top_p=put(padded(rows.top_p, 1.0)),
-                             max_new_tokens=put(padded(max_new, 0)), row_id=put(row_id))
-        self._pool()
-        entries = self._commit(el.Entries.init(num_entries, pages_per_slot,
-                                               self.config.hidden_size, self.compute_dtype))
-        state = self._commit(el.init_slots(self.config, dc, dev_rows.max_new_tokens,
-                                           stop.stop_rev.shape[1]))
-
-        pending = collections.deque(
+        row_id[:self.real] = rows.row_id
+        self.rows = RowParams(temperature=put(padded(rows.temperature, 0.0)),
+                              top_k=put(padded(rows.top_k, 0)),
+                              top_p=put(padded(rows.top_p, 1.0)),
+                              max_new_tokens=put(padded(max_new, 0)), row_id=put(row_id))
+        self.entries = engine._commit(el.Entries.init(
+            self.num_entries, self.pages_per_slot, engine.config.hidden_size,
+            engine.compute_dtype))
+        self.state = engine._commit(el.init_slots(engine.config, self.dc,
+                                                  self.rows.max_new_tokens,
+                                                  stop.stop_rev.shape[1]))
+        # Rows with max_new_tokens 0 are finished already; their prompt is still prefilled
+        # (its log-probs may be wanted).
+        self.pending = collections.deque(
             _Job(i, prompts[i], [i * n + j for j in range(n) if max_new[i * n + j] > 0])
             for i in range(count))
-        prefilling: list[_Job] = []
-        ready: collections.deque[int] = collections.deque()
-        row_entry = np.zeros((r_pad,), np.int32)
-        waiting_rows: dict[int, int] = {}  # entry -> its rows not yet in a slot
-        free_entries = list(range(num_entries - 1, -1, -1))
-        prompt_lp = [np.zeros((len(x),), np.float32) for x in prompts] if prompt_logprobs \
-            else None
-        reserve = min(slots, (self.num_pages - 1) // 8)  # pages kept for running rows' growth
-        top, running, gen = self._top(), 0, np.zeros((slots,), np.int32)
-        counters = collections.Counter()
+        self.prefilling: list[_Job] = []
+        self.ready: collections.deque[int] = collections.deque()  # rows, in admission order
+        self.row_entry = np.zeros((r_pad,), np.int32)
+        self.waiting_rows: dict[int, int] = {}  # entry -> its rows not yet in a slot
+        self.free_entries = list(range(self.num_entries - 1, -1, -1))
+        self.prompt_lp = [np.zeros((len(x),), np.float32) for x in prompts] \
+            if prompt_logprobs else None
+        # Pages kept free for the running rows' next pages when admitting or prefilling.
+        self.reserve = min(slots, (engine.num_pages - 1) // 8)
+        self.top, self.running = engine._top(), 0
+        self.counters = collections.Counter()
 
-        def release_entries(done_entries):
-            nonlocal entries
-            mask = np.zeros((num_entries,), bool)
-            mask[list(done_entries)] = True
-            self.pool, entries = el.release_entries(self.pool, entries, jnp.asarray(mask))
-            free_entries.extend(done_entries)
+    def _protected(self):
+        """Cached nodes matched by prompts whose first chunk has not run yet."""
+        return [node for job in self.prefilling for node in job.hits]
 
-        def prefill_once() -> bool:
-            """One prefill call: the next chunk of up to `prompts_per_call` prompts."""
-            nonlocal entries, top
-            batch = prefilling[:prompts_per_call]
-            while len(batch) < prompts_per_call and pending and free_entries:
-                job = pending.popleft()
-                if self.cache is not None:
-                    job.hits = self.cache.match(job.tokens, max_pages=(len(job.tokens) - 1) // p,
-                                                need_logprobs=prompt_logprobs and job.score)
-                job.done = len(job.hits) * p
-                if prompt_lp is not None and job.score:
-                    for j, node in enumerate(job.hits):
-                        prompt_lp[job.prompt][j * p:(j + 1) * p] = node.logprobs
-                job.entry = free_entries.pop()
-                prefilling.append(job)
-                batch.append(job)
-            if not batch:
-                return False
-            sizes = [min(chunk, len(job.tokens) - job.done) for job in batch]
-            need = sum(-(-c // p) for c in sizes)
-            if top < need + reserve and self.cache is not None:
-                keep = [node for job in prefilling for node in job.hits]
-                self._release(self.cache.evict(need + reserve - top, keep=keep))
-                top = self._top()
-            fits, total = 0, 0
-            for c in sizes:  # the jobs that fit, in order (the others wait for pages)
-                if top < total + -(-c // p) + (reserve if running else 0):
-                    break
-                fits, total = fits + 1, total + -(-c // p)
-            if fits == 0:
-                return False
-            batch, sizes = batch[:fits], sizes[:fits]
-            b = prompts_per_call
-            tokens = np.full((b, chunk), pad_id, np.int32)
-            entry = np.full((b,), num_entries, np.int32)
-            start, cnt = np.zeros((b,), np.int32), np.zeros((b,), np.int32)
-            final = np.zeros((b,), bool)
-            reuse = np.zeros((b, pages_per_slot), np.int32)
-            reuse_count = np.zeros((b,), np.int32)
-            for i, (job, c) in enumerate(zip(batch, sizes)):
-                tokens[i, :c] = job.tokens[job.done:job.done + c]
-                entry[i], start[i], cnt[i] = job.entry, job.done, c
-                final[i] = job.done + c == len(job.tokens)
-                if job.hits:
-                    reuse[i, :len(job.hits)] = [node.page for node in job.hits]
-                    reuse_count[i] = len(job.hits)
-                    counters["reused_tokens"] += len(job.hits) * p
-            self.pool, entries, lp = el.prefill(
-                self.graphdef, params, self.pool, entries, put(tokens), put(entry), put(start),
-                put(cnt), put(final), put(reuse), put(reuse_count), config=pc)
-            counters["prefill_calls"] += 1
-            counters["prefill_tokens"] += int(sum(sizes))
-            lp = None if lp is None else np.asarray(jax.device_get(lp))
-            done_jobs = []
-            for i, (job, c) in enumerate(zip(batch, sizes)):
-                if lp is not None and job.score:
-                    prompt_lp[job.prompt][job.done:job.done + c] = lp[i, :c]
-                job.done += c
-                job.hits = []
-                if job.done == len(job.tokens):
-                    done_jobs.append(job)
-            if done_jobs:
-                tables = np.asarray(jax.device_get(entries.table)) if self.cache is not None \
-                    else None
-                for job in done_jobs:
-                    prefilling.remove(job)
-                    if self.cache is not None:
-                        full = len(job.tokens) // p
-                        lps = prompt_lp[job.prompt] if prompt_lp is not None and job.score \
-                            else None
-                        self._retain(self.cache.insert(job.tokens, tables[job.entry, :full], lps))
-                    for r in job.rows:
-                        row_entry[r] = job.entry
-                    ready.extend(job.rows)
-                    waiting_rows[job.entry] = len(job.rows)
-                empty = [job.entry for job in done_jobs if not job.rows]
-                for e in empty:
-                    del waiting_rows[e]
-                if empty:
-                    release_entries(empty)
-            top = self._top()
-            return True
+    def _release_entries(self, done: list[int]) -> None:
+        mask = np.zeros((self.num_entries,), bool)
+        mask[done] = True
+        self.e.pool, self.entries = el.release_entries(self.e.pool, self.entries,
+                                                       jnp.asarray(mask))
+        self.free_entries.extend(done)
 
-        while pending or prefilling or ready or running:
-            # Prefill until enough rows wait (one chunk call at a time while slots decode).
-            while (pending or prefilling) and len(ready) < high:
-                if not prefill_once():
-                    if not (ready or running):
-                        raise RuntimeError(
-                            f"KV pool too small: {self.num_pages} pages of {p} tokens, "
-                            f"{top} free; a prompt chunk of {chunk} tokens does not fit")
-                    break
-                if running:
-                    break
-            queue = np.zeros((r_pad,), np.int32)
-            queued = list(ready)[:r_pad]
-            queue[:len(queued)] = queued
-            more = bool(pending or prefilling)
-            low_water = low if more and len(queued) > low else 0
-            max_steps = self.interleave_steps if (prefilling or (more and not low_water)) \
-                else _FOREVER
-            self.pool, state = el.decode(
-                self.graphdef, params, self.pool, entries, state, dev_rows, put(row_entry),
-                put(queue), put(np.int32(len(queued))), stop, seed, put(np.int32(low_water)),
-                put(np.int32(max_steps)), put(np.int32(reserve)), config=dc)
-            counters["segments"] += 1
-            status, head, top, slot_rows, gen = jax.device_get(
-                (state.status, state.head, self.pool.alloc.top, state.row, state.generated))
-            top, running = int(top), int((slot_rows >= 0).sum())
-            done_entries = []
-            for _ in range(int(head)):
-                e = int(row_entry[ready.popleft()])
-                waiting_rows[e] -= 1
-                if waiting_rows[e] == 0:
-                    del waiting_rows[e]
-                    done_entries.append(e)
-            if done_entries:
-                release_entries(done_entries)
-                top = self._top()
-            if status == el.Status.PAGES:
-                keep = [node for job in prefilling for node in job.hits]
-                freed = self.cache.evict(max(slots, len(self.cache) // 8), keep=keep) \
-                    if self.cache is not None else []
-                if freed:
-                    self._release(freed)
-                elif running:
-                    # The youngest row loses least; it reruns later with the same tokens.
-                    victim = int(np.argmin(np.where(slot_rows >= 0, gen, _FOREVER)))
-                    r = int(slot_rows[victim])
-                    mask = np.zeros((slots,), bool)
-                    mask[victim] = True
-                    self.pool, state = el.preempt(self.pool, state, jnp.asarray(mask),
-                                                  pad_id=pad_id)
-                    pending.appendleft(_Job(r // n, prompts[r // n], [r], score=False))
-                    counters["preemptions"] += 1
-                elif reserve:
-                    reserve = 0
-                else:
+    # ---- prefill ---------------------------------------------------------------------------
+
+    def prefill(self) -> None:
+        """Prefill calls until enough rows wait for a slot; one call only while slots decode
+        (chunked prefill interleaved with decode segments)."""
+        while (self.pending or self.prefilling) and len(self.ready) < self.high:
+            if not self._prefill_once():
+                if not (self.ready or self.running):
                     raise RuntimeError(
-                        f"KV pool too small: {self.num_pages} pages of {p} tokens; "
-                        f"{top} free and no row can start")
-                top = self._top()
+                        f"KV pool too small: {self.e.num_pages} pages of {self.e.page_size} "
+                        f"tokens, {self.top} free; a prompt chunk of {self.chunk} tokens "
+                        "does not fit")
+                return
+            if self.running:
+                return
 
+    def _prefill_once(self) -> bool:
+        """One prefill call: the next chunk of up to `prompts_per_call` prompts (False if
+        none could run: no prompt, entry or pages)."""
+        e, p = self.e, self.e.page_size
+        batch = self.prefilling[:self.prompts_per_call]
+        while len(batch) < self.prompts_per_call and self.pending and self.free_entries:
+            job = self.pending.popleft()
+            if e.cache is not None:  # at least one token is left to prefill: its logits
+                job.hits = e.cache.match(job.tokens, max_pages=(len(job.tokens) - 1) // p,
+                                         need_logprobs=self.prompt_lp is not None and job.score)
+            job.done = len(job.hits) * p
+            if self.prompt_lp is not None and job.score:
+                for j, node in enumerate(job.hits):
+                    self.prompt_lp[job.prompt][j * p:(j + 1) * p] = node.logprobs
+            job.entry = self.free_entries.pop()
+            self.prefilling.append(job)
+            batch.append(job)
+        if not batch:
+            return False
+        pages = [-(-min(self.chunk, len(job.tokens) - job.done) // p) for job in batch]
+        if self.top < sum(pages) + self.reserve and e.cache is not None:
+            e._release(e.cache.evict(sum(pages) + self.reserve - self.top,
+                                     keep=self._protected()))
+            self.top = e._top()
+        fits = 0  # the jobs that fit, in order (the others wait for pages)
+        while fits < len(batch) and self.top >= sum(pages[:fits + 1]) + (
+                self.reserve if self.running else 0):
+            fits += 1
+        if fits == 0:
+            return False
+        batch = batch[:fits]
+
+        b, put = self.prompts_per_call, self.put
+        tokens = np.full((b, self.chunk), self.pad_id, np.int32)
+        entry = np.full((b,), self.num_entries, np.int32)  # padding rows: out of range
+        start, count = np.zeros((b,), np.int32), np.zeros((b,), np.int32)
+        final = np.zeros((b,), bool)
+        reuse = np.zeros((b, self.pages_per_slot), np.int32)
+        reuse_count = np.zeros((b,), np.int32)
+        for i, job in enumerate(batch):
+            c = min(self.chunk, len(job.tokens) - job.done)
+            tokens[i, :c] = job.tokens[job.done:job.done + c]
+            entry[i], start[i], count[i] = job.entry, job.done, c
+            final[i] = job.done + c == len(job.tokens)
+            if job.hits:
+                reuse[i, :len(job.hits)] = [node.page for node in job.hits]
+                reuse_count[i] = len(job.hits)
+                self.counters["reused_tokens"] += len(job.hits) * p
+        e.pool, self.entries, lp = el.prefill(
+            e.graphdef, self.params, e.pool, self.entries, put(tokens), put(entry), put(start),
+            put(count), put(final), put(reuse), put(reuse_count), config=self.pc)
+        self.counters["prefill_calls"] += 1
+        self.counters["prefill_tokens"] += int(count.sum())
+        lp = None if lp is None else np.asarray(jax.device_get(lp))
+
+        done = []
+        for i, job in enumerate(batch):
+            if lp is not None and job.score:
+                self.prompt_lp[job.prompt][job.done:job.done + count[i]] = lp[i, :count[i]]
+            job.done += int(count[i])
+            job.hits = []
+            if job.done == len(job.tokens):
+                done.append(job)
+        tables = np.asarray(jax.device_get(self.entries.table)) \
+            if done and e.cache is not None else None
+        for job in done:  # its rows may take slots now
+            self.prefilling.remove(job)
+            if e.cache is not None:
+                lps = self.prompt_lp[job.prompt] if self.prompt_lp is not None and job.score \
+                    else None
+                full = len(job.tokens) // p
+                e._retain(e.cache.insert(job.tokens, tables[job.entry, :full], lps))
+            self.row_entry[job.rows] = job.entry
+            self.ready.extend(job.rows)
+            self.waiting_rows[job.entry] = len(job.rows)
+        empty = [job.entry for job in done if not job.rows]
+        for entry_id in empty:
+            del self.waiting_rows[entry_id]
+        if empty:
+            self._release_entries(empty)
+        self.top = e._top()
+        return True
+
+    # ---- decode ----------------------------------------------------------------------------
+
+    def decode(self) -> None:
+        """One decode segment over the rows that wait now, then its bookkeeping."""
+        e, put = self.e, self.put
+        queued = list(self.ready)[:self.dc.rows]
+        queue = np.zeros((self.dc.rows,), np.int32)
+        queue[:len(queued)] = queued
+        more = bool(self.pending or self.prefilling)
+        # Pause for more rows before the queue runs dry; come back after a few steps when a
+        # long prompt is half prefilled or no more rows could be queued.
+        low_water = self.low if more and len(queued) > self.low else 0
+        max_steps = e.interleave_steps if (self.prefilling or (more and not low_water)) \
+            else _FOREVER
+        e.pool, self.state = el.decode(
+            e.graphdef, self.params, e.pool, self.entries, self.state, self.rows,
+            put(self.row_entry), put(queue), put(np.int32(len(queued))), self.stop, self.seed,
+            put(np.int32(low_water)), put(np.int32(max_steps)), put(np.int32(self.reserve)),
+            config=self.dc)
+        self.counters["segments"] += 1
+        status, head, top, slot_rows, generated = jax.device_get(
+            (self.state.status, self.state.head, e.pool.alloc.top, self.state.row,
+             self.state.generated))
+        self.top, self.running = int(top), int((slot_rows >= 0).sum())
+        done = []  # entries whose rows all took a slot: their reference can go
+        for _ in range(int(head)):
+            entry_id = int(self.row_entry[self.ready.popleft()])
+            self.waiting_rows[entry_id] -= 1
+            if self.waiting_rows[entry_id] == 0:
+                del self.waiting_rows[entry_id]
+                done.append(entry_id)
+        if done:
+            self._release_entries(done)
+            self.top = e._top()
+        if status == el.Status.PAGES:
+            self._out_of_pages(slot_rows, generated)
+
+    def _out_of_pages(self, slot_rows, generated) -> None:
+        """Frees pages: cached prefixes first, then the youngest running row (it reruns later
+        from the start, with the same tokens), then the admission reserve."""
+        e = self.e
+        freed = e.cache.evict(max(self.slots, len(e.cache) // 8), keep=self._protected()) \
+            if e.cache is not None else []
+        if freed:
+            e._release(freed)
+        elif self.running:
+            victim = int(np.argmin(np.where(slot_rows >= 0, generated, _FOREVER)))
+            r = int(slot_rows[victim])
+            mask = np.zeros((self.slots,), bool)
+            mask[victim] = True
+            e.pool, self.state = el.preempt(e.pool, self.state, jnp.asarray(mask),
+                                            pad_id=self.pad_id)
+            self.pending.appendleft(_Job(r // self.n, self.prompts[r // self.n], [r],
+                                         score=False))
+            self.counters["preemptions"] += 1
+        elif self.reserve:
+            self.reserve = 0
+        else:
+            raise RuntimeError(f"KV pool too small: {e.num_pages} pages of {e.page_size} "
+                               f"tokens; {self.top} free and no row can start")
+        self.top = e._top()
+
+    def finish(self):
+        """(outputs on the host, prompt log-probs or None); sets the engine's `last_stats`."""
+        st = self.state
         out, steps, busy, peak_pages, peak_live = jax.device_get(
-            (state.out, state.steps, state.busy, state.peak_pages, state.peak_live))
-        out = jax.tree.map(lambda x: np.asarray(x)[:real], out)
-        self.last_stats = EngineStats(
-            slots=slots, rows=real, generated_tokens=int(out.lengths.sum()),
-            decode_steps=int(steps), busy_slot_steps=int(busy), segments=counters["segments"],
-            prefill_calls=counters["prefill_calls"], prefill_tokens=counters["prefill_tokens"],
-            reused_tokens=counters["reused_tokens"], preemptions=counters["preemptions"],
-            page_size=p, bytes_per_token=self.bytes_per_token, peak_pages=int(peak_pages),
-            peak_live_tokens=int(peak_live))
-        if prompt_lp is not None:
-            prompt_lp = [x[1:] for x in prompt_lp]
-        return out, prompt_lp
+            (st.out, st.steps, st.busy, st.peak_pages, st.peak_live))
+        out = jax.tree.map(lambda x: np.asarray(x)[:self.real], out)
+        c = self.counters
+        self.e.last_stats = EngineStats(
+            slots=self.slots, rows=self.real, generated_tokens=int(out.lengths.sum()),
+            decode_steps=int(steps), busy_slot_steps=int(busy), segments=c["segments"],
+            prefill_calls=c["prefill_calls"], prefill_tokens=c["prefill_tokens"],
+            reused_tokens=c["reused_tokens"], preemptions=c["preemptions"],
+            page_size=self.e.page_size, bytes_per_token=self.e.bytes_per_token,
+            peak_pages=int(peak_pages), peak_live_tokens=int(peak_live))
+        lp = None if self.prompt_lp is None else [x[1:] for x in self.prompt_lp]
+        return out, lp

@@ -16,10 +16,12 @@ drawn with fold_in(fold_in(key(seed), row_id), t) (as loop.py: the same samples 
 or step it runs in). The loop pauses, returning to the host, when
   DONE    no slot runs and the queue is empty;
   REFILL  fewer than `low_water` rows are left in the queue (the host prefills more prompts);
-  PAGES   the next step could need more pages than are free (the host evicts or preempts);
+  PAGES   a running row would need a page and none is free, or no slot runs and no queued
+          row can start for want of pages (the host evicts cached prefixes or preempts);
   STEPS   `max_steps` iterations ran (the host interleaves a prefill chunk).
 Refill, page allocation and release all happen inside the loop with fixed shapes, so new
-requests never recompile.
+requests never recompile. Rows are admitted only while `reserve` pages stay free for the
+running rows' next pages (admission control).
 
 Shapes (static, `DecodeConfig` / `PrefillConfig`): S slots, J pages per slot, Q prompt
 entries, R rows (the call's, padded), C output columns, B_p prompts × C_p tokens per prefill.
