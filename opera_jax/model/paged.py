@@ -198,10 +198,14 @@ def decode_attention_pallas(q, k_pages, v_pages, table, lengths, *, kernel: Page
         return call()
     from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
 
-    splits = _divisor_at_most(j, 16)
+    # Triton wants power-of-two blocks: a power-of-two block of pages that divides J, and the
+    # most sequence splits (<= 16, flash-decoding style) whose partitions hold whole blocks.
+    block = 1 << (max(1, page_block).bit_length() - 1)
+    while j % block:
+        block //= 2
+    splits = max(d for d in range(1, 17) if j % d == 0 and (j // d) % block == 0)
     return paged_attention(qs, k_pages, v_pages, table, lengths, k_splits=splits,
-                           pages_per_compute_block=_divisor_at_most(j // splits, page_block),
-                           interpret=interpret)
+                           pages_per_compute_block=block, interpret=interpret)
 
 
 @flax.struct.dataclass
