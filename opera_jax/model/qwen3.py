@@ -28,6 +28,7 @@ from flax import nnx
 from opera_jax.model import attention as attn_lib
 from opera_jax.model.config import Qwen3Config, RopeScaling
 from opera_jax.model.logprobs import token_logprobs
+from opera_jax.model.paged import PagedKVCache, PagedLayer
 from opera_jax.sharding import constrain
 
 
@@ -157,6 +158,9 @@ class Attention(nnx.Module):
         q = constrain(q, ("batch", "seq", "act_heads", "head_dim"))
         k = constrain(k, ("batch", "seq", "act_kv_heads", "head_dim"))
         b, t = x.shape[:2]
+        if isinstance(layer_cache, PagedLayer):  # paged KV (sampling engine): writes + attends
+            out, new_kv = layer_cache.attend(q, k, v)
+            return jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(dt)), new_kv
         if layer_cache is None:
             slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
             keys, values, kv_seg, kv_slots, q_slots = k, v, segment_ids, slots, slots
@@ -284,7 +288,8 @@ class Qwen3(nnx.Module):
           segment_ids: int [B, T]; 0 = padding. Default: all ones.
           mask: optional bool [B, T, S] ANDed with the causal/segment mask (S = T without a
             cache, the cache length with one).
-          cache: a KVCache; the new keys/values are written at slots [end, end + T).
+          cache: a KVCache; the new keys/values are written at slots [end, end + T). Or a
+            paged.PagedKVCache (row b's new tokens at positions starts[b] + t, see paged.py).
           return_hidden: return final-normed hidden states [B, T, D] instead of logits.
         Returns:
           logits float32 [B, T, V] (or hidden [B, T, D]); with a cache, (that, new_cache).
@@ -301,12 +306,15 @@ class Qwen3(nnx.Module):
         x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(self.dtype)  # [B, T, D]
         x = constrain(x, ("batch", "seq", "act_embed"))
 
-        if cache is not None:
+        paged = isinstance(cache, PagedKVCache)  # its own layout: model/paged.py
+        if cache is not None and not paged:
             kv_seg = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32),
                                                   (0, cache.end))
+        if cache is not None:
             ck, cv = list(cache.k), list(cache.v)
         for i, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else (ck[i], cv[i], kv_seg, cache.end)
+            layer_cache = None if cache is None else cache.layer(i, ck[i], cv[i]) if paged else (
+                ck[i], cv[i], kv_seg, cache.end)
             kwargs = dict(positions=positions, segment_ids=segment_ids, mask=mask,
                           layer_cache=layer_cache, prefill_causal=prefill_causal)
             if self.remat and cache is None:
@@ -320,6 +328,8 @@ class Qwen3(nnx.Module):
             "BTD,DV->BTV", x, self.head_weight(), preferred_element_type=jnp.float32)
         if cache is None:
             return out
+        if paged:
+            return out, cache.replace(k=tuple(ck), v=tuple(cv))
         new_cache = KVCache(k=tuple(ck), v=tuple(cv), segment_ids=kv_seg, end=cache.end + t)
         return out, new_cache
 
