@@ -170,8 +170,17 @@ class Warmup(SFT):
     cache: str = "~/.cache/opera_jax/warmup"
 
 
+class _EngineChoice:
+    """The `engine` / `slots` pair of a section that samples."""
+
+    def sampler_slots(self) -> int | str | None:
+        """What `Sampler.sample(slots=…)` takes: the engine's slots ("auto": chosen from the
+        model and memory), or None for the fixed-batch sampler."""
+        return (self.slots or "auto") if self.engine else None
+
+
 @dataclasses.dataclass(frozen=True)
-class Rollout:
+class Rollout(_EngineChoice):
     """What GRPO samples each RL step."""
 
     num_prompts: int = 8               # prompts per RL step
@@ -181,7 +190,13 @@ class Rollout:
     temperature: float = 1.0
     top_p: float = 1.0                 # 1 = off
     top_k: int | None = None           # None = off
-    prompts_per_call: int | None = None  # sampler call size in prompts; None = all at once
+    # The continuous-batching engine (sampling/engine.py): at most `slots` rows decode at once
+    # over a paged KV cache, the rest queue; None = as many as the memory holds. engine=False
+    # runs the fixed-batch sampler, `prompts_per_call` prompts per call (None = all at once).
+    engine: bool = True
+    slots: int | None = None
+    prompts_per_call: int | None = None
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,7 +255,7 @@ class Validation:
 
 
 @dataclasses.dataclass(frozen=True)
-class Synth:
+class Synth(_EngineChoice):
     """Cold-start synthesis (docs/METHOD.md §4)."""
 
     guiding_words: tuple[str, ...] = GUIDING_WORDS
@@ -262,8 +277,14 @@ class Synth:
     batch_prompts: int = 16            # prompts in flight
     batch_candidates: bool = True      # B candidates in one call (False: one call each)
     rows_per_call: int | None = None   # cap on rows per sampler call; None = none
-    compact: bool = True               # narrow a call's batch as its rows finish
+    # The engine keeps each prompt's pages across its phases (prefix cache), so a phase
+    # prefills only its new tokens; slots None = as many as the memory holds. engine=False:
+    # the fixed-batch sampler, `compact` narrowing a call's batch as its rows finish.
+    engine: bool = True
+    slots: int | None = None
+    compact: bool = True
     progress: bool = True              # tqdm bar
+
 
     def __post_init__(self):
         if self.num_candidates < 1 or self.batch_prompts < 1:
@@ -271,12 +292,12 @@ class Synth:
 
 
 # Synth fields that only decide how work is batched or shown: they never change a record.
-SYNTH_BATCHING_FIELDS = ("batch_prompts", "batch_candidates", "rows_per_call", "compact",
-                         "progress")
+SYNTH_BATCHING_FIELDS = ("batch_prompts", "batch_candidates", "rows_per_call", "engine",
+                         "slots", "compact", "progress")
 
 
 @dataclasses.dataclass(frozen=True)
-class Eval:
+class Eval(_EngineChoice):
     """Evaluation on held-out prompts (opera_jax/evaluation)."""
 
     prompts: str = "toy:heldout:32"    # prompt rows (data.path syntax; benchmark fields too)
@@ -290,3 +311,6 @@ class Eval:
     seed: int = 0
     scorer: str | None = None          # a source label that scores every model; None = each itself
     dtype: Dtype = Dtype.FLOAT32
+    engine: bool = True                # the continuous-batching engine (as rollout.engine)
+    slots: int | None = None
+

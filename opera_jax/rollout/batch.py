@@ -44,7 +44,8 @@ class Rollout:
 def sample_rollout(sampler: Sampler, rows: Sequence[dict], *, n: int, seq_len: int,
                    max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
                    top_k: int | None = None, seed: int = 0,
-                   prompts_per_call: int | None = None) -> Rollout:
+                   prompts_per_call: int | None = None,
+                   slots: int | str | None = None) -> Rollout:
     """Samples n responses per prompt row and lays them out as a training batch.
 
     Args:
@@ -54,7 +55,9 @@ def sample_rollout(sampler: Sampler, rows: Sequence[dict], *, n: int, seq_len: i
       seq_len: T >= longest prompt + max_new_tokens.
       seed: the step's sampling seed (call k of a chunked rollout uses seed + k).
       prompts_per_call: sample this many prompts per sampler call (bounds the KV cache:
-        prompts_per_call · n rows); None = all in one call.
+        prompts_per_call · n rows); None = all in one call. Ignored with `slots`.
+      slots: run the continuous-batching engine with this many slots ("auto": chosen from the
+        model and memory), all prompts in one call; None = the fixed-batch sampler.
     Returns:
       `Rollout`.
     """
@@ -63,10 +66,10 @@ def sample_rollout(sampler: Sampler, rows: Sequence[dict], *, n: int, seq_len: i
     if longest + max_new_tokens > seq_len:
         raise ValueError(f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds "
                          f"seq_len {seq_len}")
-    per_call = prompts_per_call or len(prompts)
+    per_call = len(prompts) if slots is not None else (prompts_per_call or len(prompts))
     outs = [sampler.sample([p.tolist() for p in prompts[i:i + per_call]],
                            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                           top_k=top_k or 0, n=n, seed=seed + k)
+                           top_k=top_k or 0, n=n, seed=seed + k, slots=slots)
             for k, i in enumerate(range(0, len(prompts), per_call))]
     count = len(prompts) * n
     tokens = np.full((count, seq_len), sampler.pad_id, np.int32)

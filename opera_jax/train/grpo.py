@@ -272,7 +272,8 @@ def validate(sampler, policy, reference, tokenizer, rows: list[dict], run: GRPOR
     v, r = run.validation, run.rollout
     ro = sample_rollout(sampler, rows, n=v.n, seq_len=seq_len, max_new_tokens=r.max_new_tokens,
                         temperature=v.temperature, top_p=r.top_p, top_k=r.top_k, seed=run.seed,
-                        prompts_per_call=r.prompts_per_call or r.num_prompts)
+                        prompts_per_call=r.prompts_per_call or r.num_prompts,
+                        slots=r.sampler_slots())
     result = score_token_ids(policy, tokenizer, ro.prompt_ids, ro.response_ids, ro.reference_ids,
                              ro.group_ids, ro.task_types, config=reward_config(run, v.n),
                              reference_model=reference)
@@ -388,7 +389,8 @@ def _train(run: GRPORun, stop_after: int | None):
     passes = int(old_mode is OldLogprobs.RECOMPUTE) + int(run.loss.kl_coef > 0)
     r = run.rollout
     sample_kwargs = dict(max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                         top_p=r.top_p, top_k=r.top_k, prompts_per_call=r.prompts_per_call)
+                         top_p=r.top_p, top_k=r.top_k, prompts_per_call=r.prompts_per_call,
+                         slots=r.sampler_slots())
     writer = MetricsWriter(workdir, total_steps=total, initial_step=start)
     log_due = Every(run.grpo.log_every, last_step=last)
     ckpt_due = Every(run.checkpoint.every, last_step=last)
