@@ -37,7 +37,11 @@ setup(
         "cuda": ["jax[cuda13]>=0.10.0,<0.12"],
         "cuda12": ["jax[cuda12]>=0.10.0,<0.12"],
         "tpu": ["jax[tpu]>=0.10.0,<0.12"],
+        # Readers of Parquet, Hugging Face datasets on disk and TFDS (data/tables.py): ~300 MB
+        # with pyarrow and pandas, needed only by runs that read those sources.
+        "data": ["pyarrow>=15", "datasets>=3.0", "tensorflow-datasets>=4.9.5"],
         # torch is the CPU build pinned on purpose: the reference in parity tests only.
-        "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.13.0"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.13.0",
+                 "pyarrow>=15", "datasets>=3.0", "tensorflow-datasets>=4.9.5"],
     },
 )

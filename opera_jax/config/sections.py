@@ -105,8 +105,9 @@ class Mesh:
 class Data:
     """The stage's input rows and how they are read (opera_jax/data/sources.py)."""
 
-    # JSONL / ArrayRecord files (comma-separated, globs), or the embedded toy domain:
-    # "toy:<kind>:<count>" with kind sft | warmup | prompts | heldout.
+    # JSONL / Parquet / ArrayRecord files (comma-separated, globs); "hf:DIR_OR_FILES[:SPLIT]"
+    # (Hugging Face datasets on disk); "tfds:NAME[/CONFIG][:SPLIT]"; or the embedded toy
+    # domain "toy:<kind>:<count>" with kind sft | prompts | heldout.
     path: str = "toy:prompts:256"
     on_bad_row: OnBadRow = OnBadRow.SKIP
     seed: int = 0                      # shuffle order (reshuffled every epoch) and toy rows
@@ -116,6 +117,7 @@ class Data:
     # thinkings are plain text by default, so a row cannot forge a turn or a think block;
     # True encodes them as the control tokens (data that means them).
     special_tokens_in_text: bool = False
+    tfds_data_dir: str | None = None   # where tfds: datasets are prepared; None = $TFDS_DATA_DIR
 
 
 @dataclasses.dataclass(frozen=True)

@@ -283,7 +283,7 @@ def validate(sampler, policy, reference, tokenizer, rows: list[dict], run: GRPOR
 def _prompt_rows(spec: str, run: GRPORun, tokenizer) -> list[dict]:
     """Tokenised prompt rows of a (small) source, dropping over-long ones; none is an error."""
     rows = open_rows(spec, required=PROMPT_FIELDS, on_bad_row=run.data.on_bad_row,
-                     seed=run.data.seed)
+                     seed=run.data.seed, tfds_data_dir=run.data.tfds_data_dir)
     tokenize = TokenizePrompt(tokenizer, max_prompt_len=run.rollout.max_prompt_len,
                               enable_thinking=run.data.enable_thinking,
                               special_tokens_in_text=run.data.special_tokens_in_text)
@@ -330,7 +330,7 @@ def _train(run: GRPORun, stop_after: int | None):
 
     # ---- data ----
     records = open_rows(run.data.path, required=PROMPT_FIELDS, on_bad_row=run.data.on_bad_row,
-                        seed=run.data.seed)
+                        seed=run.data.seed, tfds_data_dir=run.data.tfds_data_dir)
     tokenizer = build.load_model_tokenizer(run.model)
     special = special_token_ids(tokenizer)
     data_iter = iter(prompt_batches(

@@ -146,7 +146,7 @@ def _train(run: SFTRun, stop_after: int | None):
 
     # ---- data ----
     records = open_rows(run.data.path, required=SFT_FIELDS, on_bad_row=run.data.on_bad_row,
-                        seed=run.data.seed)
+                        seed=run.data.seed, tfds_data_dir=run.data.tfds_data_dir)
     tokenizer = build.load_model_tokenizer(run.model)
     ids = special_token_ids(tokenizer)
     data_iter = iter(sft_batches(
