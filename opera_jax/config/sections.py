@@ -67,8 +67,25 @@ class OldLogprobs(str, enum.Enum):
 class Aggregation(str, enum.Enum):
     """How per-token loss terms become one number."""
 
-    TOKEN_MEAN = "token_mean"  # over every response token of the mini-batch
-    SEQ_MEAN = "seq_mean"      # per-sequence mean, averaged over sequences
+    TOKEN_MEAN = "token_mean"  # over every response token of the mini-batch (GRPO here, DAPO)
+    SEQ_MEAN = "seq_mean"      # per-sequence mean, averaged over sequences (published micro-batches)
+    # the sum over every response token / (sequences · loss.norm_constant): Dr. GRPO
+    TOKEN_SUM_NORM = "token_sum_norm"
+
+
+class KLEstimator(str, enum.Enum):
+    """Per-token estimate of KL(π ‖ π_ref) from d = log π_ref − log π (Schulman's k1–k3)."""
+
+    K1 = "k1"  # −d
+    K2 = "k2"  # d² / 2
+    K3 = "k3"  # exp(d) − d − 1, d and the result clamped (published, "low-variance")
+
+
+class Ratio(str, enum.Enum):
+    """The importance ratio the clipped surrogate uses."""
+
+    TOKEN = "token"        # π / π_old per token (PPO, GRPO, DAPO)
+    SEQUENCE = "sequence"  # exp(mean over the sequence's tokens of log π − log π_old) (GSPO)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,21 +205,35 @@ class Rollout:
 
 @dataclasses.dataclass(frozen=True)
 class Loss:
-    """The GRPO loss (train/grpo_loss.py states exactly what is kept)."""
+    """The GRPO loss (train/grpo_loss.py states exactly what is kept). The defaults are the
+    published GRPO; the variants (README "Loss variants") are settings of these keys:
+    Dr. GRPO std_normalize=False, aggregation=token_sum_norm; DAPO clip_high=0.28 with
+    grpo.dynamic_sampling; GSPO ratio=sequence with small clips and no dual clip."""
 
     clip_low: float = 0.2
-    clip_high: float = 0.2
-    dual_clip: float = 3.0             # c > 1, for negative advantages
+    clip_high: float = 0.2             # DAPO's clip-higher: > clip_low
+    dual_clip: float | None = 3.0      # c > 1, for negative advantages; None = off
     log_ratio_clamp: float = 20.0
-    kl_coef: float = 0.001             # k3 KL to the reference as a loss term; 0 = none
-    kl_clamp: float = 10.0
+    ratio: Ratio = Ratio.TOKEN
+    kl_coef: float = 0.001             # weight of the KL-to-reference loss term; 0 = no KL term
+    kl_estimator: KLEstimator = KLEstimator.K3
+    kl_clamp: float = 10.0             # k3 only
     aggregation: Aggregation = Aggregation.TOKEN_MEAN
+    norm_constant: int | None = None   # token_sum_norm's divisor; None = rollout.max_new_tokens
+    std_normalize: bool = True         # advantages / group std (GRPO); False: centred only
 
     def __post_init__(self):
-        object.__setattr__(self, "aggregation",
-                           coerce(Aggregation, self.aggregation, "loss.aggregation"))
-        if self.dual_clip <= 1.0:
-            raise ValueError(f"loss.dual_clip must be > 1, got {self.dual_clip}")
+        for name, cls in (("aggregation", Aggregation), ("kl_estimator", KLEstimator),
+                          ("ratio", Ratio)):
+            object.__setattr__(self, name, coerce(cls, getattr(self, name), f"loss.{name}"))
+        if self.dual_clip is not None and self.dual_clip <= 1.0:
+            raise ValueError(f"loss.dual_clip must be > 1 (or None), got {self.dual_clip}")
+        if not (0 <= self.clip_low < 1 and self.clip_high >= 0):
+            raise ValueError(f"loss.clip_low must be in [0, 1) and loss.clip_high >= 0, got "
+                             f"{self.clip_low}, {self.clip_high}")
+        if self.norm_constant is not None and self.norm_constant < 1:
+            raise ValueError(f"loss.norm_constant must be >= 1 (or None), got "
+                             f"{self.norm_constant}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,6 +250,10 @@ class GRPO:
     # A control run: the step's rewards permuted at random across the batch before the
     # advantages (same mean and variance, no relation to the response). benchmarks/study.py.
     random_rewards: bool = False
+    # DAPO's dynamic sampling: groups whose rewards are all equal (no advantage) are dropped
+    # and the batch refilled from further prompts, up to max_sampling_rounds rollouts a step.
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = 4
     optim: Optim = Optim(lr=1e-3, warmup_frac=0.4)
 
 

@@ -163,7 +163,7 @@ class TokenizePrompt:
     tokenised on its own. Both are data: special-token
     strings in them are plain text unless `special_tokens_in_text` (tokenizer.encode_prompt).
     Prompts longer than `max_prompt_len` tokens give None (dropped; `prompt_batches` counts
-    them).
+    them). The output keeps the row itself under "row" (user reward terms read it).
     """
 
     def __init__(self, tokenizer, *, max_prompt_len: int, enable_thinking: bool = True,
@@ -179,7 +179,7 @@ class TokenizePrompt:
             return None
         reference = (tk.encode(self.tokenizer, row["reference"]) if self.special
                      else tk.encode_text(self.tokenizer, row["reference"]))
-        return {"id": str(row.get("id", "")), "prompt": row["prompt"],
+        return {"id": str(row.get("id", "")), "prompt": row["prompt"], "row": row,
                 "prompt_ids": np.asarray(ids, np.int32),
                 "reference_ids": np.asarray(reference, np.int32),
                 "task_type": coerce(TaskType, row.get("task_type", "writing"),

@@ -6,9 +6,12 @@
 One RL step, in the loop's three labelled sections:
   rollout  `rollout.n` responses to each of `rollout.num_prompts` prompts, sampled from the
            training weights themselves (the sampler is handed the state's arrays; no copy).
-  reward   `reward.score_token_ids` on the sampled ids: scored by the policy that sampled them
-           (published) or, with `reward.scorer: reference`, by the frozen reference; `math`
-           rows get the verifiable reward. Then per-group advantages (grpo_loss).
+  reward   the weighted terms of `reward.terms` (reward/terms.py; by default the OPERA reward
+           alone): `reward.score_token_ids` on the sampled ids, scored by the policy that
+           sampled them (published) or, with `reward.scorer: reference`, by the frozen
+           reference; `math` rows get the verifiable reward. With `grpo.dynamic_sampling`
+           (DAPO) groups of equal rewards are dropped and refilled from further prompts
+           (`collect_batch`). Then per-group advantages (grpo_loss).
   update   old and reference log-probs, then `grpo.num_minibatches` optimizer steps (1 PPO
            epoch) over strided mini-batches of the R = prompts · n rows, each the sum of
            `grpo.grad_accum` micro-batch gradients weighted so that the mini-batch loss is
@@ -56,6 +59,7 @@ import functools
 import logging
 import os
 import time
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -71,9 +75,10 @@ from opera_jax.config.sections import Loss, OldLogprobs, Optim
 from opera_jax.data.pipeline import PROMPT_FIELDS, TokenizePrompt, prompt_batches
 from opera_jax.data.sources import open_rows
 from opera_jax.locks import WorkdirLock
-from opera_jax.reward import RewardConfig, Scorer, score_token_ids
+from opera_jax.reward import RewardConfig, Scorer
+from opera_jax.reward.terms import Scored, Terms
 from opera_jax.rollout import stats as rollout_stats
-from opera_jax.rollout.batch import sample_rollout
+from opera_jax.rollout.batch import Rollout, concat, group_rows, sample_rollout
 from opera_jax.sampling import Sampler
 from opera_jax.tokenizer import special_token_ids
 from opera_jax.train import plots
@@ -210,6 +215,17 @@ def check_config(run: GRPORun, mesh) -> None:
         raise ValueError(f"{rows} responses per step (rollout.num_prompts x rollout.n) must "
                          f"split into grpo.num_minibatches x grpo.grad_accum = {parts} micro-"
                          f"batches whose size is a multiple of the data x fsdp mesh size {shards}")
+    if run.grpo.dynamic_sampling and (run.rollout.n < 2 or run.grpo.max_sampling_rounds < 1):
+        raise ValueError(f"grpo.dynamic_sampling needs rollout.n >= 2 (a group of one has no "
+                         f"spread) and grpo.max_sampling_rounds >= 1; got {run.rollout.n}, "
+                         f"{run.grpo.max_sampling_rounds}")
+
+
+def loss_config(run: GRPORun) -> Loss:
+    """The `loss` section with token_sum_norm's constant resolved (the response limit)."""
+    if run.loss.norm_constant is None:
+        return dataclasses.replace(run.loss, norm_constant=run.rollout.max_new_tokens)
+    return run.loss
 
 
 def reward_config(run: GRPORun, group_size: int) -> RewardConfig:
@@ -244,10 +260,51 @@ def load_reference(run: GRPORun, mesh):
     return graphdef, cast(params)
 
 
-def step_seed(rng_data: np.ndarray, step: int) -> int:
-    """The sampling seed of RL step `step`, from the state's (checkpointed) RNG."""
-    return int(np.random.SeedSequence([*map(int, rng_data.ravel()), step]).generate_state(1)[0]
-               & 0x7FFFFFFF)
+def step_seed(rng_data: np.ndarray, step: int, sampling_round: int = 0) -> int:
+    """The sampling seed of RL step `step` (and of its extra rollouts under dynamic sampling),
+    from the state's (checkpointed) RNG."""
+    entropy = [*map(int, rng_data.ravel()), step] + ([sampling_round] if sampling_round else [])
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def informative_groups(rewards: np.ndarray, group_ids: np.ndarray) -> list[int]:
+    """The groups whose rewards are not all equal (they have a nonzero advantage), in order."""
+    return [int(g) for g in dict.fromkeys(group_ids.tolist())
+            if np.ptp(rewards[group_ids == g]) > 0]
+
+
+def collect_batch(sample_and_score: Callable[[list[dict], int], tuple[Rollout, Scored]],
+                  batches: Iterator[list[dict]], *, num_prompts: int, dynamic: bool,
+                  max_rounds: int) -> tuple[Rollout, Scored, dict[str, float]]:
+    """This step's rollout and its scores.
+
+    Without `dynamic`, one rollout of the next prompt batch. With it (DAPO's dynamic
+    sampling), groups whose rewards are all equal are dropped and further prompt batches are
+    rolled out until `num_prompts` groups with a spread are gathered or `max_rounds`
+    rollouts ran; a batch still short is filled with equal-reward groups (in order; their
+    advantage is 0), so the update keeps its shape, and `sampling/filled_groups` says how many.
+
+    Args:
+      sample_and_score: (prompt rows, round) -> (Rollout, Scored) of those prompts.
+      batches: the prompt batches (`num_prompts` rows each).
+    Returns:
+      (rollout, scored, metrics): `num_prompts` groups; metrics are sampling/* (dynamic only).
+    """
+    ro, scored = sample_and_score(next(batches), 0)
+    if not dynamic:
+        return ro, scored, {}
+    parts, kept = [(ro, scored)], len(informative_groups(scored.reward, ro.group_ids))
+    while kept < num_prompts and len(parts) < max_rounds:
+        parts.append(sample_and_score(next(batches), len(parts)))
+        kept += len(informative_groups(parts[-1][1].reward, parts[-1][0].group_ids))
+    ro, scored = concat([p[0] for p in parts]), Scored.concat([p[1] for p in parts])
+    good = informative_groups(scored.reward, ro.group_ids)
+    rest = [g for g in dict.fromkeys(ro.group_ids.tolist()) if g not in set(good)]
+    idx = group_rows(ro.group_ids, (good + rest)[:num_prompts])
+    metrics = {"sampling/rounds": float(len(parts)),
+               "sampling/informative_frac": len(good) / (len(parts) * num_prompts),
+               "sampling/filled_groups": float(max(num_prompts - len(good), 0))}
+    return ro.take(idx), scored.take(idx), metrics
 
 
 def training_rewards(rewards: np.ndarray, *, randomize: bool, seed: int) -> np.ndarray:
@@ -264,6 +321,15 @@ def _upload(x: np.ndarray, mesh, names):
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
 
+def score_rollout(terms: Terms, policy, reference, tokenizer, ro: Rollout, *,
+                  max_len: int) -> Scored:
+    """The reward terms of a rollout's responses (reward/terms.py)."""
+    return terms.score(policy, tokenizer, prompt_ids=ro.prompt_ids, response_ids=ro.response_ids,
+                       reference_ids=ro.reference_ids, group_ids=ro.group_ids,
+                       task_types=ro.task_types, rows=ro.rows, max_len=max_len,
+                       reference_model=reference)
+
+
 def validate(sampler, policy, reference, tokenizer, rows: list[dict], run: GRPORun, *,
              seq_len: int, stats: dict) -> dict[str, float]:
     """Reward of `validation.n` rollouts per held-out prompt (greedy when
@@ -273,10 +339,9 @@ def validate(sampler, policy, reference, tokenizer, rows: list[dict], run: GRPOR
     ro = sample_rollout(sampler, rows, n=v.n, seq_len=seq_len, max_new_tokens=r.max_new_tokens,
                         temperature=v.temperature, top_p=r.top_p, top_k=r.top_k, seed=run.seed,
                         prompts_per_call=r.prompts_per_call or r.num_prompts)
-    result = score_token_ids(policy, tokenizer, ro.prompt_ids, ro.response_ids, ro.reference_ids,
-                             ro.group_ids, ro.task_types, config=reward_config(run, v.n),
-                             reference_model=reference)
-    return {**rollout_stats.reward_metrics(result, ro, "val_reward/"),
+    scored = score_rollout(Terms(reward_config(run, v.n)), policy, reference, tokenizer, ro,
+                           max_len=r.max_new_tokens)
+    return {**rollout_stats.reward_metrics(scored, ro, "val_reward/"),
             **rollout_stats.response_stats(ro, tokenizer, prefix="val_response/", **stats)}
 
 
@@ -319,6 +384,7 @@ def _train(run: GRPORun, stop_after: int | None):
     n, minibatches = run.rollout.n, run.grpo.num_minibatches
     seq_len = run.rollout.max_prompt_len + run.rollout.max_new_tokens
     scoring = reward_config(run, n)
+    terms = Terms(scoring)  # user reward functions are imported here, before any work
     old_mode = run.grpo.old_logprobs
     if old_mode is OldLogprobs.AUTO:  # see the module docstring
         old_mode = (OldLogprobs.SAMPLER if jnp.dtype(run.model.dtype.value) == jnp.float32
@@ -346,13 +412,13 @@ def _train(run: GRPORun, stop_after: int | None):
     # ---- model / optimizer / reference ----
     graphdef, params_abstract = build.abstract_params(run.model, mesh)
     tx, update = cached_update(graphdef, run.grpo.optim, total * minibatches, minibatches,
-                               run.grpo.grad_accum, run.grpo.chunk_size, run.loss, mesh)
+                               run.grpo.grad_accum, run.grpo.chunk_size, loss_config(run), mesh)
     micro = minibatches * run.grpo.grad_accum
     policy_logprobs = cached_logprobs(graphdef, micro, run.grpo.chunk_size, mesh)
     abstract = state_lib.abstract_state(params_abstract, tx, mesh)
     state_sharding = state_lib.shardings_of(abstract)
     reference = ref_params = ref_logprobs = None
-    if run.loss.kl_coef > 0 or scoring.scorer is Scorer.REFERENCE:
+    if run.loss.kl_coef > 0 or (terms.has_opera and scoring.scorer is Scorer.REFERENCE):
         ref_graphdef, ref_params = load_reference(run, mesh)
         reference = nnx.merge(ref_graphdef, ref_params)
         ref_logprobs = cached_logprobs(ref_graphdef, micro, run.grpo.chunk_size, mesh)
@@ -406,20 +472,31 @@ def _train(run: GRPORun, stop_after: int | None):
                 writer.write(0, run_validation())
             for step in range(start + 1, last + 1):
                 with jax.profiler.StepTraceAnnotation("grpo", step_num=step):
-                    rows = next(data_iter)
-                    # ---- rollout ----
-                    t0 = time.perf_counter()
                     sampler.set_params(nnx.state(policy := nnx.merge(graphdef, state.params)))
-                    ro = sample_rollout(sampler, rows, n=n, seq_len=seq_len,
-                                        seed=step_seed(rng_data, step), **sample_kwargs)
-                    # ---- reward ----
-                    t1 = time.perf_counter()
-                    result = score_token_ids(policy, tokenizer, ro.prompt_ids, ro.response_ids,
-                                             ro.reference_ids, ro.group_ids, ro.task_types,
-                                             config=scoring, reference_model=reference)
+                    seconds = {"rollout": 0.0, "reward": 0.0}
+
+                    def sample_and_score(rows, sampling_round):
+                        # ---- rollout ----
+                        t0 = time.perf_counter()
+                        ro = sample_rollout(sampler, rows, n=n, seq_len=seq_len,
+                                            seed=step_seed(rng_data, step, sampling_round),
+                                            **sample_kwargs)
+                        # ---- reward ----
+                        t1 = time.perf_counter()
+                        scored = score_rollout(terms, policy, reference, tokenizer, ro,
+                                               max_len=r.max_new_tokens)
+                        seconds["rollout"] += t1 - t0
+                        seconds["reward"] += time.perf_counter() - t1
+                        return ro, scored
+
+                    ro, scored, sampling = collect_batch(
+                        sample_and_score, data_iter, num_prompts=r.num_prompts,
+                        dynamic=run.grpo.dynamic_sampling,
+                        max_rounds=run.grpo.max_sampling_rounds)
                     advantages = group_advantages(
-                        training_rewards(result.reward, randomize=run.grpo.random_rewards,
-                                         seed=step_seed(rng_data, step) + 1), ro.group_ids)
+                        training_rewards(scored.reward, randomize=run.grpo.random_rewards,
+                                         seed=step_seed(rng_data, step) + 1), ro.group_ids,
+                        std_normalize=run.loss.std_normalize)
                     # ---- update ----
                     t2 = time.perf_counter()
                     host = {"tokens": ro.tokens, "mask": ro.mask}
@@ -436,11 +513,12 @@ def _train(run: GRPORun, stop_after: int | None):
                     state, metrics = update_fn(state, batch)
                     metrics = sh.to_host(metrics)  # the step's one sync; NaN checked below
                     t4 = time.perf_counter()
-                metrics.update(rollout_stats.reward_metrics(result, ro, "reward/"),
-                               **rollout_stats.response_stats(ro, tokenizer, **stats))
+                metrics.update(rollout_stats.reward_metrics(scored, ro, "reward/"),
+                               **rollout_stats.response_stats(ro, tokenizer, **stats),
+                               **sampling)
                 metrics.update(rollout_stats.step_timing(
-                    ro, rollout_s=t1 - t0, reward_s=t2 - t1, logprob_s=t3 - t2,
-                    update_s=t4 - t2, arch=arch, peak=peak, passes=passes))
+                    ro, rollout_s=seconds["rollout"], reward_s=seconds["reward"],
+                    logprob_s=t3 - t2, update_s=t4 - t2, arch=arch, peak=peak, passes=passes))
                 metrics["reward/adv_nonzero_frac"] = float(np.mean(advantages != 0))
                 if val_due(step):
                     metrics.update(run_validation())
