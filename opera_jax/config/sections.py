@@ -147,6 +147,18 @@ class Checkpoint:
 
 
 @dataclasses.dataclass(frozen=True)
+class Log:
+    """Where a trainer's metrics go besides the console, metrics.jsonl and TensorBoard
+    (train/metrics.py). Weights & Biases honours its environment (WANDB_MODE=offline writes
+    the run under workdir/wandb/ for `wandb sync`; WANDB_API_KEY, …)."""
+
+    wandb_project: str | None = None   # also log to this W&B project; None = no W&B
+    wandb_entity: str | None = None    # None = the account's default
+    wandb_name: str | None = None      # run name; None = W&B's
+    wandb_group: str | None = None     # e.g. the stages of one pipeline run
+
+
+@dataclasses.dataclass(frozen=True)
 class Optim:
     """AdamW after global-norm clipping, on a linear warm-up then `schedule`.
 

@@ -455,7 +455,8 @@ def _train(run: GRPORun, stop_after: int | None):
     r = run.rollout
     sample_kwargs = dict(max_new_tokens=r.max_new_tokens, temperature=r.temperature,
                          top_p=r.top_p, top_k=r.top_k, prompts_per_call=r.prompts_per_call)
-    writer = MetricsWriter(workdir, total_steps=total, initial_step=start)
+    writer = MetricsWriter(workdir, total_steps=total, initial_step=start, log=run.log,
+                           config=saved_config)
     log_due = Every(run.grpo.log_every, last_step=last)
     ckpt_due = Every(run.checkpoint.every, last_step=last)
     val_due = Every(run.validation.every, last_step=last if val_rows else None)

@@ -181,7 +181,8 @@ def _train(run: SFTRun, stop_after: int | None):
     # ---- loop ----
     step_fn = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
                       out_shardings=(state_sharding, None), donate_argnums=0)
-    writer = MetricsWriter(workdir, total_steps=total, initial_step=start)
+    writer = MetricsWriter(workdir, total_steps=total, initial_step=start, log=run.log,
+                           config=saved_config)
     log_due = Every(run.sft.log_every, last_step=last)
     ckpt_due = Every(run.checkpoint.every, last_step=last)
     meter = Throughput()
