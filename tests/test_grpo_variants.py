@@ -12,7 +12,8 @@ from opera_jax.config.parse import ConfigError, from_config, to_config
 from opera_jax.config.sections import Loss
 from opera_jax.reward.terms import Scored
 from opera_jax.rollout.batch import Rollout
-from opera_jax.train.grpo import collect_batch, informative_groups, step_seed
+from opera_jax.rollout.dynamic_sampling import collect_batch, informative_groups
+from opera_jax.train.grpo import step_seed
 from opera_jax.train.grpo_loss import group_advantages, grpo_loss, kl_estimate
 
 
@@ -113,8 +114,10 @@ def test_kl_estimators_by_hand():
 def test_dual_clip_off():
     # A = -1, ratio e^2 = 7.389: capped at 3 by default, uncapped with dual_clip None
     assert float(loss_of([2.0], [0.0], -1.0, kl_coef=0.0)[0]) == pytest.approx(3.0, abs=1e-6)
-    assert float(loss_of([2.0], [0.0], -1.0, kl_coef=0.0, dual_clip=None)[0]) == pytest.approx(
-        math.exp(2.0), abs=1e-5)
+    for off in (None, math.inf):  # None in a config file, inf on the command line
+        loss, m = loss_of([2.0], [0.0], -1.0, kl_coef=0.0, dual_clip=off)
+        assert float(loss) == pytest.approx(math.exp(2.0), abs=1e-5)
+        assert float(m["dual_clip_frac"]) == 0.0
 
 
 def test_loss_section_keys_parse_and_are_checked():

@@ -35,6 +35,7 @@ class SFTRun:
     data: S.Data = S.Data(path="toy:sft:256")
     checkpoint: S.Checkpoint = S.Checkpoint()
     sft: S.SFT = S.SFT()
+    lora: S.Lora = S.Lora()
     log: S.Log = S.Log()
 
 
@@ -56,6 +57,7 @@ class GRPORun:
     loss: S.Loss = S.Loss()
     validation: S.Validation = S.Validation()
     reference: S.Reference = S.Reference()
+    lora: S.Lora = S.Lora()
     log: S.Log = S.Log()
 
 

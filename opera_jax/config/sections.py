@@ -17,6 +17,7 @@ import enum
 
 from opera_jax.enums import coerce
 from opera_jax.model.attention import AttentionImpl
+from opera_jax.model.lora import TARGETS as LORA_TARGETS
 from opera_jax.reward.config import GUIDING_WORDS
 
 
@@ -106,6 +107,43 @@ class Model:
     param_dtype: Dtype = Dtype.FLOAT32  # master weights and optimizer moments
     remat: bool = False                # rematerialise each layer in the backward pass
     attention_impl: AttentionImpl | None = None  # None = the platform's default
+
+
+class Quant(str, enum.Enum):
+    """How LoRA's frozen target projections are stored (QLoRA)."""
+
+    INT8 = "int8"
+    INT4 = "int4"
+
+
+@dataclasses.dataclass(frozen=True)
+class Lora:
+    """Low-rank adapters (model/lora.py): only the rank-r updates of the target projections
+    train; the base stays frozen in the compute dtype (`model.dtype`: bf16 for a bf16 run),
+    its targets optionally quantized. Checkpoints hold the adapters and their optimizer
+    state; export merges them into the weights. The KL reference is the base without
+    adapters (no second copy)."""
+
+    rank: int | None = None            # None = every weight trains (no adapters)
+    alpha: float = 16.0                # the update is (alpha / rank) · x·A·B
+    targets: tuple[str, ...] = tuple(LORA_TARGETS)
+    quantize: Quant | None = None      # the frozen targets in int8 / int4; None = model.dtype
+    group_size: int | None = 128       # input elements per quantization scale; None = per channel
+
+    def __post_init__(self):
+        object.__setattr__(self, "targets", tuple(self.targets))
+        if self.quantize is not None:
+            object.__setattr__(self, "quantize", coerce(Quant, self.quantize, "lora.quantize"))
+        unknown = sorted(set(self.targets) - set(LORA_TARGETS))
+        if unknown or not self.targets:
+            raise ValueError(f"lora.targets must be a non-empty subset of "
+                             f"{', '.join(LORA_TARGETS)}; got {', '.join(self.targets)}")
+        if self.rank is not None and self.rank < 1:
+            raise ValueError(f"lora.rank must be >= 1 (or None), got {self.rank}")
+        if self.quantize is not None and self.rank is None:
+            raise ValueError("lora.quantize needs lora.rank (a quantized base is frozen)")
+        if self.group_size is not None and self.group_size < 1:
+            raise ValueError(f"lora.group_size must be >= 1 (or None), got {self.group_size}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,7 +262,7 @@ class Loss:
 
     clip_low: float = 0.2
     clip_high: float = 0.2             # DAPO's clip-higher: > clip_low
-    dual_clip: float | None = 3.0      # c > 1, for negative advantages; None = off
+    dual_clip: float | None = 3.0      # c > 1, for negative advantages; None (or inf) = off
     log_ratio_clamp: float = 20.0
     ratio: Ratio = Ratio.TOKEN
     kl_coef: float = 0.001             # weight of the KL-to-reference loss term; 0 = no KL term

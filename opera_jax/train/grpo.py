@@ -35,7 +35,9 @@ Learning rate: `optim.warmup_frac` of the RL steps warm up linearly, then `optim
 the schedule advances per optimizer update (num_minibatches per RL step).
 Reference model (KL term; the scorer with `reward.scorer: reference`): loaded from its own
 source — `reference.checkpoint` (Orbax params), `reference.hf_dir`, or else the policy's initial
-source — in the compute dtype, never stored in the run's checkpoints.
+source — in the compute dtype, never stored in the run's checkpoints. With LoRA (`lora.rank`)
+the state's params are the adapters over a frozen base, and the reference is that base
+itself, without adapters: no second copy.
 Checkpoints hold params, optimizer state, step, RNG, the prompt iterator's position and the
 config; rerunning the same command resumes; SIGTERM saves after the current step and raises
 `checkpoint.Preempted` (the command line exits with `PREEMPTED_EXIT`).
@@ -59,7 +61,6 @@ import functools
 import logging
 import os
 import time
-from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -71,14 +72,16 @@ from opera_jax import sharding as sh
 from opera_jax.checkpoint import Checkpointer, Preempted, catch_sigterm
 from opera_jax.config import build
 from opera_jax.config.runs import GRPORun, to_json
-from opera_jax.config.sections import Loss, OldLogprobs, Optim
+from opera_jax.config.sections import Loss, OldLogprobs, Optim, Reference
 from opera_jax.data.pipeline import PROMPT_FIELDS, TokenizePrompt, prompt_batches
 from opera_jax.data.sources import open_rows
 from opera_jax.locks import WorkdirLock
+from opera_jax.model import lora as lora_lib
 from opera_jax.reward import RewardConfig, Scorer
 from opera_jax.reward.terms import Scored, Terms
 from opera_jax.rollout import stats as rollout_stats
-from opera_jax.rollout.batch import Rollout, concat, group_rows, sample_rollout
+from opera_jax.rollout.batch import Rollout, sample_rollout
+from opera_jax.rollout.dynamic_sampling import collect_batch
 from opera_jax.sampling import Sampler
 from opera_jax.tokenizer import special_token_ids
 from opera_jax.train import plots
@@ -101,10 +104,11 @@ def _split(x, parts: int):
 
 def make_update_step(graphdef, tx, schedule, *, num_minibatches: int, grad_accum: int,
                      chunk_size: int, loss_config: Loss):
-    """The pure GRPO update: `update(state, batch) -> (state, metrics)`.
+    """The pure GRPO update: `update(state, batch, frozen) -> (state, metrics)`.
 
     Args:
-      graphdef: the Qwen3 graph (static); params come from the state.
+      graphdef: the Qwen3 graph (static); params come from the state (LoRA: the adapters,
+        over the frozen base `frozen`; else `frozen` is None).
       tx / schedule: from `state.make_optimizer` (counting optimizer updates).
       num_minibatches: M optimizer updates per call; grad_accum: A micro-batches each.
       chunk_size: log-prob chunk.
@@ -115,8 +119,8 @@ def make_update_step(graphdef, tx, schedule, *, num_minibatches: int, grad_accum
       Metrics are float32 scalars over the whole RL step: the loss terms token-weighted over
       its micro-batches, grad_norm the mean pre-clipping norm of its updates, lr the first's.
     """
-    def micro_loss(params, mb, weight):
-        model = nnx.merge(graphdef, params)
+    def micro_loss(params, mb, weight, frozen):
+        model = nnx.merge(graphdef, lora_lib.combine(frozen, params))
         hidden = model(mb["tokens"], return_hidden=True)  # causal; see make_logprob_fn
         logp, entropy = model.logprobs(hidden, jnp.roll(mb["tokens"], -1, axis=1),
                                        chunk_size=chunk_size, return_entropy=True)
@@ -130,7 +134,7 @@ def make_update_step(graphdef, tx, schedule, *, num_minibatches: int, grad_accum
 
     grad_fn = jax.grad(micro_loss, has_aux=True)
 
-    def minibatch(state: state_lib.TrainState, mb):  # leaves [A, b, ...]
+    def minibatch(state: state_lib.TrainState, mb, frozen):  # leaves [A, b, ...]
         # Weight of each micro-batch in the mini-batch's aggregate: its share of the tokens
         # (token-mean) or of the non-empty sequences (seq-mean); float32 sums.
         if loss_config.aggregation == "token_mean":  # an Aggregation (a str enum)
@@ -141,7 +145,7 @@ def make_update_step(graphdef, tx, schedule, *, num_minibatches: int, grad_accum
 
         def micro(grads, xs):
             x, w = xs
-            g, (metrics, n) = grad_fn(state.params, x, w)
+            g, (metrics, n) = grad_fn(state.params, x, w, frozen)
             return jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g), (metrics, n)
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
@@ -151,12 +155,13 @@ def make_update_step(graphdef, tx, schedule, *, num_minibatches: int, grad_accum
                             opt_state=opt_state)
         return new, (metrics, counts, optax.tree.norm(grads), schedule(state.step))
 
-    def update(state: state_lib.TrainState, batch: dict):
+    def update(state: state_lib.TrainState, batch: dict, frozen: dict | None = None):
         TRACE_COUNT["update"] += 1
         split = jax.tree.map(
             lambda x: _split(x, num_minibatches * grad_accum).reshape(
                 num_minibatches, grad_accum, -1, *x.shape[1:]), batch)
-        state, (metrics, counts, grad_norm, lr) = jax.lax.scan(minibatch, state, split)
+        state, (metrics, counts, grad_norm, lr) = jax.lax.scan(
+            lambda s, mb: minibatch(s, mb, frozen), state, split)
         total = jnp.sum(counts)  # [M, A] -> response tokens of the RL step
         out = {k: jnp.sum(v * counts) / jnp.maximum(total, 1.0) for k, v in metrics.items()}
         out.update(grad_norm=jnp.mean(grad_norm), lr=lr[0], loss_tokens=total)
@@ -267,46 +272,6 @@ def step_seed(rng_data: np.ndarray, step: int, sampling_round: int = 0) -> int:
     return int(np.random.SeedSequence(entropy).generate_state(1)[0] & 0x7FFFFFFF)
 
 
-def informative_groups(rewards: np.ndarray, group_ids: np.ndarray) -> list[int]:
-    """The groups whose rewards are not all equal (they have a nonzero advantage), in order."""
-    return [int(g) for g in dict.fromkeys(group_ids.tolist())
-            if np.ptp(rewards[group_ids == g]) > 0]
-
-
-def collect_batch(sample_and_score: Callable[[list[dict], int], tuple[Rollout, Scored]],
-                  batches: Iterator[list[dict]], *, num_prompts: int, dynamic: bool,
-                  max_rounds: int) -> tuple[Rollout, Scored, dict[str, float]]:
-    """This step's rollout and its scores.
-
-    Without `dynamic`, one rollout of the next prompt batch. With it (DAPO's dynamic
-    sampling), groups whose rewards are all equal are dropped and further prompt batches are
-    rolled out until `num_prompts` groups with a spread are gathered or `max_rounds`
-    rollouts ran; a batch still short is filled with equal-reward groups (in order; their
-    advantage is 0), so the update keeps its shape, and `sampling/filled_groups` says how many.
-
-    Args:
-      sample_and_score: (prompt rows, round) -> (Rollout, Scored) of those prompts.
-      batches: the prompt batches (`num_prompts` rows each).
-    Returns:
-      (rollout, scored, metrics): `num_prompts` groups; metrics are sampling/* (dynamic only).
-    """
-    ro, scored = sample_and_score(next(batches), 0)
-    if not dynamic:
-        return ro, scored, {}
-    parts, kept = [(ro, scored)], len(informative_groups(scored.reward, ro.group_ids))
-    while kept < num_prompts and len(parts) < max_rounds:
-        parts.append(sample_and_score(next(batches), len(parts)))
-        kept += len(informative_groups(parts[-1][1].reward, parts[-1][0].group_ids))
-    ro, scored = concat([p[0] for p in parts]), Scored.concat([p[1] for p in parts])
-    good = informative_groups(scored.reward, ro.group_ids)
-    rest = [g for g in dict.fromkeys(ro.group_ids.tolist()) if g not in set(good)]
-    idx = group_rows(ro.group_ids, (good + rest)[:num_prompts])
-    metrics = {"sampling/rounds": float(len(parts)),
-               "sampling/informative_frac": len(good) / (len(parts) * num_prompts),
-               "sampling/filled_groups": float(max(num_prompts - len(good), 0))}
-    return ro.take(idx), scored.take(idx), metrics
-
-
 def training_rewards(rewards: np.ndarray, *, randomize: bool, seed: int) -> np.ndarray:
     """The rewards the advantages are computed from: the scored ones, or with `randomize` (the
     `grpo.random_rewards` control) the same values permuted at random across the step's
@@ -410,16 +375,22 @@ def _train(run: GRPORun, stop_after: int | None):
              len(val_rows))
 
     # ---- model / optimizer / reference ----
-    graphdef, params_abstract = build.abstract_params(run.model, mesh)
+    # Every weight trains, or LoRA adapters over the frozen base `trained.frozen`.
+    trained = build.policy(run.model, run.lora, mesh, seed=run.seed)
+    graphdef, frozen = trained.graphdef, trained.frozen
     tx, update = cached_update(graphdef, run.grpo.optim, total * minibatches, minibatches,
                                run.grpo.grad_accum, run.grpo.chunk_size, loss_config(run), mesh)
     micro = minibatches * run.grpo.grad_accum
     policy_logprobs = cached_logprobs(graphdef, micro, run.grpo.chunk_size, mesh)
-    abstract = state_lib.abstract_state(params_abstract, tx, mesh)
+    abstract = state_lib.abstract_state(trained.abstract, tx, mesh)
     state_sharding = state_lib.shardings_of(abstract)
+    frozen_sharding = jax.tree.map(lambda x: x.sharding, frozen)
     reference = ref_params = ref_logprobs = None
     if run.loss.kl_coef > 0 or (terms.has_opera and scoring.scorer is Scorer.REFERENCE):
-        ref_graphdef, ref_params = load_reference(run, mesh)
+        if frozen is not None and run.reference == Reference():  # LoRA: the base itself
+            ref_graphdef, ref_params = trained.base_graphdef, frozen
+        else:
+            ref_graphdef, ref_params = load_reference(run, mesh)
         reference = nnx.merge(ref_graphdef, ref_params)
         ref_logprobs = cached_logprobs(ref_graphdef, micro, run.grpo.chunk_size, mesh)
 
@@ -428,25 +399,24 @@ def _train(run: GRPORun, stop_after: int | None):
     # allocating; (2) the newest readable checkpoint's arrays load straight into those shards
     # (an unreadable one is set aside, the next older tried); (3) the prompt iterator is
     # repositioned to the saved batch; (4) the saved config is only compared. Without a
-    # checkpoint: params from the model section, fresh optimizer. The reference was loaded
-    # above from its own source either way.
+    # checkpoint: params from the model section (or fresh adapters), fresh optimizer. The
+    # reference and LoRA's frozen base were loaded above from their own sources either way.
     saved_config = to_json(run)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=run.checkpoint.keep,
                         async_save=run.checkpoint.async_save)
 
     def fresh():
-        params = build.load_params(run.model, mesh)
-        return state_lib.init_state(params, tx, abstract, seed=run.seed)
+        return state_lib.init_state(trained.init(), tx, abstract, seed=run.seed)
 
     state, start = ckpt.restore_or_init(abstract, fresh, data_iter=data_iter,
                                         config=saved_config)
     rng_data = np.asarray(sh.to_host(state.rng))
 
     # ---- loop ----
-    update_fn = jax.jit(update, in_shardings=(state_sharding, None),
+    update_fn = jax.jit(update, in_shardings=(state_sharding, None, frozen_sharding),
                         out_shardings=(state_sharding, None), donate_argnums=0)
     # Rollout reads the training arrays: set_params re-wraps them each step, no copy.
-    sampler = Sampler.for_tokenizer(nnx.merge(graphdef, state.params), tokenizer, mesh=mesh,
+    sampler = Sampler.for_tokenizer(trained.model(state.params), tokenizer, mesh=mesh,
                                     stop_strings=False)
     stats = dict(think_close_id=special["think_close"], keywords=scoring.keywords)
     arch = build.architecture(run.model)
@@ -463,7 +433,7 @@ def _train(run: GRPORun, stop_after: int | None):
     preempted = False
 
     def run_validation():
-        sampler.set_params(nnx.state(policy := nnx.merge(graphdef, state.params)))
+        sampler.set_params(nnx.state(policy := trained.model(state.params)))
         return validate(sampler, policy, reference, tokenizer, val_rows, run, seq_len=seq_len,
                         stats=stats)
 
@@ -473,7 +443,7 @@ def _train(run: GRPORun, stop_after: int | None):
                 writer.write(0, run_validation())
             for step in range(start + 1, last + 1):
                 with jax.profiler.StepTraceAnnotation("grpo", step_num=step):
-                    sampler.set_params(nnx.state(policy := nnx.merge(graphdef, state.params)))
+                    sampler.set_params(nnx.state(policy := trained.model(state.params)))
                     seconds = {"rollout": 0.0, "reward": 0.0}
 
                     def sample_and_score(rows, sampling_round):
@@ -506,12 +476,13 @@ def _train(run: GRPORun, stop_after: int | None):
                     batch = {k: _upload(v, mesh, ("batch", "seq")) for k, v in host.items()}
                     batch["advantages"] = _upload(advantages, mesh, ("batch",))
                     if old_mode is OldLogprobs.RECOMPUTE:
-                        batch["old_logprobs"] = policy_logprobs(state.params, batch["tokens"])
+                        batch["old_logprobs"] = policy_logprobs(trained.params(state.params),
+                                                                batch["tokens"])
                     if run.loss.kl_coef > 0:
                         batch["ref_logprobs"] = ref_logprobs(ref_params, batch["tokens"])
                     jax.block_until_ready(batch)  # only to time the log-prob passes
                     t3 = time.perf_counter()
-                    state, metrics = update_fn(state, batch)
+                    state, metrics = update_fn(state, batch, frozen)
                     metrics = sh.to_host(metrics)  # the step's one sync; NaN checked below
                     t4 = time.perf_counter()
                 metrics.update(rollout_stats.reward_metrics(scored, ro, "reward/"),

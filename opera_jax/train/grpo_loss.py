@@ -31,6 +31,8 @@ Everything here is float32: ratios and exp of log-prob differences are not safe 
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -125,7 +127,7 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, config: Loss = Loss())
     clipped = jnp.maximum(pg1, pg2)
     pg = clipped
     dual = jnp.zeros_like(mask, bool)
-    if config.dual_clip is not None:
+    if config.dual_clip is not None and math.isfinite(config.dual_clip):  # inf: no cap either
         pg3 = -adv * config.dual_clip
         dual = (adv < 0) & (clipped > pg3)
         pg = jnp.where(adv < 0, jnp.minimum(clipped, pg3), clipped)
