@@ -17,12 +17,16 @@ One RL step, in the loop's three labelled sections:
            `grpo.grad_accum` micro-batch gradients weighted so that the mini-batch loss is
            exactly `grpo_loss` over the whole mini-batch (token-mean by default).
 
-Old log-probs (`rollout.old_logprobs`): the sampler returns, for every sampled token, the
+Sampling (`rollout.engine`, default on): the continuous-batching engine over a paged KV cache
+(sampling/engine.py), each prompt prefilled once for its n rows; `rollout.engine=False` runs
+the fixed-batch sampler. Both draw row r's tokens from the same random stream, so they give
+the same responses up to float rounding of the logits.
+Old log-probs (`grpo.old_logprobs`): the sampler returns, for every sampled token, the
 float32 log-prob at temperature 1 before top-k / top-p, i.e. the quantity the loss
 differentiates, at any sampling temperature. Taking it saves a forward pass over the batch
 (a third of what the update's forward + backward costs), and it is exact up to rounding when
-the sampler computes like the update: in float32 (tiny model: |Δ| ≤ 2e-5 per token, tests/test_grpo_rollout.py), where
-`auto` takes it and the first mini-batch of the single PPO epoch is on-policy (ratio 1). In
+the sampler computes like the update: in float32 (tiny model: |Δ| ≤ 2e-5 per token,
+tests/test_grpo_rollout.py), where `auto` takes it and the first mini-batch of the single PPO epoch is on-policy (ratio 1). In
 bf16 compute the one-token-at-a-time decode against a bf16 KV cache rounds differently from the
 training forward, more so for long sequences and real models, and a spurious ratio ≠ 1 would
 clip tokens of an on-policy batch; `auto` therefore recomputes them with the training forward
@@ -31,8 +35,8 @@ clip tokens of an on-policy batch; `auto` therefore recomputes them with the tra
 `sampler` / `recompute` force either.
 Remat: `model.remat` rematerialises each layer in the update's backward pass.
 
-Learning rate: `optim.warmup_frac` of the RL steps warm up linearly, then `optim.schedule`;
-the schedule advances per optimizer update (num_minibatches per RL step).
+Learning rate: `grpo.optim.warmup_frac` of the optimizer updates warm up linearly from 0, then
+`grpo.optim.schedule`; the schedule advances per update (num_minibatches per RL step).
 Reference model (KL term; the scorer with `reward.scorer: reference`): loaded from its own
 source — `reference.checkpoint` (Orbax params), `reference.hf_dir`, or else the policy's initial
 source — in the compute dtype, never stored in the run's checkpoints. With LoRA (`lora.rank`)
