@@ -134,3 +134,27 @@ def test_benchmark_shaped_prompt_files(tmp_path):
     path.write_text('{"prompt": "ok"}\n{"text": "no prompt here"}\n')
     with pytest.raises(ValueError, match=r"bench.jsonl:2: no prompt field"):
         load_prompts(c)
+
+
+def test_verdict_judges_changes_against_their_sampling_noise():
+    from opera_jax.evaluation import verdict
+    sft = {"answer_acc": 0.6, "truth_responses": 100.0, "math_acc": 0.5, "math_responses": 20.0,
+           "truncated_frac": 0.0, "responses": 120.0}
+    # 2 s.e. of 0.60 vs 0.45 over 100 responses each: 2·sqrt(.24/100 + .2475/100) = 0.1396.
+    worse, lines = verdict(sft, {**sft, "answer_acc": 0.45})
+    assert worse and lines[0] == ("held-out answer accuracy: 0.600 -> 0.450  "
+                                  "(-0.150; noise ±0.140 at 2 s.e., n=100/100: WORSE)")
+    # 0.60 -> 0.55: 2·sqrt(.24/100 + .2475/100) = 0.1397 > 0.05: not worse.
+    worse, lines = verdict(sft, {**sft, "answer_acc": 0.55})
+    assert not worse and lines[0].endswith("within noise)")
+    # Math over 20 responses: 0.5 -> 0.3 is 0.2 < 2·sqrt(.25/20 + .21/20) = 0.303.
+    worse, lines = verdict(sft, {**sft, "math_acc": 0.3})
+    assert not worse and "noise ±0.303" in lines[1]
+    # Truncation 0 -> 0.2 of 120: beyond 2·sqrt(.16/120) = 0.073 and past 10 %: worse;
+    # 0 -> 0.05 is beyond the noise (0.040) but under 10 %: not worse.
+    assert verdict(sft, {**sft, "truncated_frac": 0.2})[0]
+    assert not verdict(sft, {**sft, "truncated_frac": 0.05})[0]
+    assert verdict(sft, {**sft, "answer_acc": 0.9})[1][0].endswith("better)")
+    # Without response counts every fall counts.
+    assert verdict({"answer_acc": 0.6}, {"answer_acc": 0.59}) == (
+        True, ["held-out answer accuracy: 0.600 -> 0.590  (WORSE)"])

@@ -61,7 +61,7 @@ def default() -> ml_collections.ConfigDict:
         grpo=S.GRPO(steps=20, optim=S.Optim(lr=1e-4, warmup_frac=0.4)),
         loss=S.Loss(kl_coef=0.05),
         validation=S.Validation(every=10, path="toy:heldout:16:1", num_prompts=16),
-        eval=S.Eval(prompts="toy:heldout:32:12345", scorer="sft"),
+        eval=S.Eval(prompts="toy:heldout:96:12345", scorer="sft"),  # the study's prompts
     ))
 
 

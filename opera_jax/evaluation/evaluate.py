@@ -152,29 +152,50 @@ def summarize(records: list[dict]) -> dict[str, float]:
            "reference_ppl": mean("reference_ppl", writing)}
     if any("truth/correct" in r for r in records):
         out.update({name: mean(f"truth/{k}", records) for k, name in TRUTH_KEYS.items()})
+        out["truth_responses"] = float(sum("truth/correct" in r for r in records))
     if math:
         out["math_acc"] = mean("reward", math)
+        out["math_responses"] = float(len(math))
     return out
 
 
-def verdict(before: dict[str, float], after: dict[str, float]) -> tuple[bool, list[str]]:
+# Measures `verdict` judges: key, label, higher is better, key of its response count.
+_VERDICT = (("answer_acc", "held-out answer accuracy", True, "truth_responses"),
+            ("well_formed", "well-formed answers", True, "truth_responses"),
+            ("math_acc", "math accuracy", True, "math_responses"),
+            ("truncated_frac", "truncated responses", False, "responses"))
+
+
+def verdict(before: dict[str, float], after: dict[str, float], *,
+            z: float = 2.0) -> tuple[bool, list[str]]:
     """Whether `after` (e.g. the GRPO model) is worse than `before` (the SFT model) on what the
     reward does not measure, and one line per measure that says so.
 
-    Worse: a lower answer accuracy, well-formed share or math accuracy, or a truncation rate
-    that rose past 10 %. Measures absent from either side are not judged.
+    Each measure is a share of n responses, so a change is judged against its sampling noise:
+    `z` standard errors of the difference of two shares, sqrt(a(1-a)/n_a + b(1-b)/n_b)
+    (responses to one prompt are correlated, so this understates the noise a little). Worse:
+    a share that fell by more than that, or a truncation rate that rose by more than that and
+    past 10 %; "better" likewise; anything smaller is "within noise". A measure absent from
+    either side is not judged; without response counts (older results) every fall is worse.
     """
     lines, worse = [], False
-    for key, label, higher_is_better in (("answer_acc", "held-out answer accuracy", True),
-                                         ("well_formed", "well-formed answers", True),
-                                         ("math_acc", "math accuracy", True),
-                                         ("truncated_frac", "truncated responses", False)):
+    for key, label, higher_is_better, count in _VERDICT:
         if key not in before or key not in after:
             continue
         a, b = before[key], after[key]
-        bad = b < a if higher_is_better else (b > a and b > 0.1)
+        na, nb = before.get(count), after.get(count)
+        noise = z * float(np.sqrt(a * (1 - a) / na + b * (1 - b) / nb)) if na and nb else 0.0
+        gain = (b - a) if higher_is_better else (a - b)
+        bad = gain < -noise and (higher_is_better or b > 0.1)
         worse |= bad
-        lines.append(f"{label}: {a:.3f} -> {b:.3f}" + ("  (WORSE)" if bad else ""))
+        if na and nb:
+            tag = ("WORSE" if bad else "better" if gain > noise else
+                   "unchanged" if gain == 0 else "within noise")
+            tail = (f"  ({b - a:+.3f}; noise ±{noise:.3f} at {z:g} s.e., "
+                    f"n={int(na)}/{int(nb)}: {tag})")
+        else:
+            tail = "  (WORSE)" if bad else ""
+        lines.append(f"{label}: {a:.3f} -> {b:.3f}{tail}")
     return worse, lines
 
 
