@@ -21,12 +21,16 @@ why once per reason.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import enum
 import functools
 import logging
 
 import jax
 import jax.numpy as jnp
+
+from opera_jax import sharding as sh
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +43,34 @@ class AttentionImpl(str, enum.Enum):
     SPLASH = "splash"
 
 
+_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("platform", default=None)
+
+
+@contextlib.contextmanager
+def for_platform(platform: str | None):
+    """Within this block, traced attention picks backends for `platform` ("tpu", "gpu", "cpu")
+    whatever this process runs on: the planner compiles TPU programs on a CPU host."""
+    token = _PLATFORM.set(platform)
+    try:
+        yield
+    finally:
+        _PLATFORM.reset(token)
+
+
+def target_platform() -> str:
+    """The platform a traced call is compiled for: `for_platform`'s, else the active
+    activation mesh's devices', else the default backend."""
+    if _PLATFORM.get() is not None:
+        return _PLATFORM.get()
+    mesh = sh.current_mesh()
+    if mesh is not None:
+        return mesh.devices.flat[0].platform
+    return jax.default_backend()
+
+
 def default_impl(platform: str | None = None) -> AttentionImpl:
     """The fast backend for a platform ("gpu"/"cuda", "tpu", "cpu")."""
-    platform = platform or jax.default_backend()
+    platform = platform or target_platform()
     if platform in ("gpu", "cuda"):
         return AttentionImpl.CUDNN
     if platform == "tpu":
@@ -153,7 +182,7 @@ def attention(q, k, v, *, q_segment_ids, kv_segment_ids, q_slots, kv_slots, mask
 
 def _unsupported(impl: AttentionImpl, q, k, mask, prefill_causal: bool) -> str | None:
     """Why `impl` cannot take this call, or None if it can."""
-    platform = jax.default_backend()
+    platform = target_platform()
     if impl is AttentionImpl.CUDNN:
         if platform not in ("gpu", "cuda"):
             return f"needs an NVIDIA GPU, platform is {platform}"

@@ -73,8 +73,8 @@ def reference_logprobs(model, sequences: Sequence[Sequence[int]],
         if not any(contexts[sl]):
             out.extend(np.zeros((0,), np.float32) for _ in contexts[sl])
             continue
-        packed, windows, order = _pack(sequences[sl], references[sl], contexts[sl], config)
-        lp_sorted = _kernel(graphdef, state, *packed, temperature, windows=windows,
+        packed, windows, order = pack_inputs(sequences[sl], references[sl], contexts[sl], config)
+        lp_sorted = lp_kernel(graphdef, state, *packed, temperature, windows=windows,
                             logprob_chunk=config.logprob_chunk)
         lp = np.empty((len(order),), np.float32)
         lp[order] = np.asarray(to_host(lp_sorted), np.float32)[:len(order)]
@@ -85,7 +85,7 @@ def reference_logprobs(model, sequences: Sequence[Sequence[int]],
     return out
 
 
-def _pack(sequences, references, contexts, config: RewardConfig):
+def pack_inputs(sequences, references, contexts, config: RewardConfig):
     """Host side of one call: inputs padded to bucket sizes, contexts sorted into steps.
 
     Returns:
@@ -140,7 +140,7 @@ def cache_windows(p: int, count: int) -> tuple[int, ...]:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "windows", "logprob_chunk"))
-def _kernel(graphdef, state, tokens, lengths, reference, ref_lengths, ctx_row, ctx_visible,
+def lp_kernel(graphdef, state, tokens, lengths, reference, ref_lengths, ctx_row, ctx_visible,
             ctx_first, ctx_window, temperature, *, windows: tuple[int, ...], logprob_chunk: int):
     """Prefill + reference passes.
 
