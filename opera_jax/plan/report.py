@@ -76,7 +76,8 @@ def compile_program(p: Program, stage: Stage, target: Target) -> Compiled:
     """Lowers and compiles `p` for the target's devices (under the stage's activation mesh and
     the target's attention platform) and reads its memory and cost analyses."""
     t0 = time.perf_counter()
-    with sh.activation_mesh(stage.mesh), attention.for_platform(target.platform):
+    with sh.activation_mesh(stage.mesh), attention.for_platform(
+            target.platform, interpret=target.estimate):
         compiled = p.fn.lower(*p.args, **p.kwargs).compile()
     elapsed = time.perf_counter() - t0
     mem = compiled.memory_analysis()

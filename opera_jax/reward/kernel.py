@@ -162,8 +162,14 @@ def lp_kernel(graphdef, state, tokens, lengths, reference, ref_lengths, ctx_row,
         _, cache = model(toks, segment_ids=sg, cache=cache, return_hidden=True)
         return cache, None
 
-    cache, _ = jax.lax.scan(prefill, KVCache.init(model.config, b, p + r, model.dtype),
-                            (tokens, seg))
+    cache = KVCache.init(model.config, b, p + r, model.dtype)
+    if n_chunks == 1:
+        # One pass: right-padded rows from slot 0 with a static start (Python int end), the
+        # call shape fused kernels take whole (cuDNN with per-row lengths, splash).
+        _, cache = model(tokens[0], segment_ids=seg[0], cache=cache.replace(end=0),
+                         return_hidden=True, right_padded=True)
+    else:
+        cache, _ = jax.lax.scan(prefill, cache, (tokens, seg))
 
     # 2. Reference passes, `per_step` contexts side by side, attending to a window of w cache
     # slots (w static per branch; the step's contexts all have visible <= w).
@@ -174,7 +180,7 @@ def lp_kernel(graphdef, state, tokens, lengths, reference, ref_lengths, ctx_row,
         # writes its own keys over [w, w + r).
         ctx_cache = cache.map_kv(lambda x: jnp.take(x[:, :, :w + r], rows, axis=0)).replace(
             segment_ids=(jnp.arange(w + r)[None, :] < visible[:, None]).astype(jnp.int32),
-            end=jnp.asarray(w, jnp.int32))
+            end=w)  # static: the pass's queries sit at slots w .. w + r - 1
         ref, n = reference[rows], ref_lengths[rows]  # [per_step, R], [per_step]
         valid = offsets[None, :] < n[:, None]
         toks = jnp.concatenate([first[:, None], ref[:, :-1]], axis=1)

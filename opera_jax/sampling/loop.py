@@ -145,7 +145,8 @@ def prefill(graphdef, params, tokens, lengths, *, config: CacheConfig):
         first = (p - lengths)[:, None]
         segment_ids = (slot >= first).astype(jnp.int32)
         positions = jnp.maximum(slot - first, 0)
-        cache = KVCache.init(model.config, b, p, jnp.dtype(config.cache_dtype))
+        # end as a Python int: the prefill's queries start at slot 0, statically (kernels).
+        cache = KVCache.init(model.config, b, p, jnp.dtype(config.cache_dtype)).replace(end=0)
         hidden, cache = model(tokens, positions=positions, segment_ids=segment_ids, cache=cache,
                               return_hidden=True)
         # Project only the last position: [B, P, V] float32 logits would be gigabytes.
