@@ -26,7 +26,7 @@ from opera_jax import cli
 from opera_jax.config.runs import parse
 from opera_jax.config.setups import grpo_tiny
 from opera_jax.plan import Assumptions, TargetError, gpu_target, plan, table, tpu_target
-from opera_jax.plan.report import gib, tree_bytes
+from opera_jax.plan.report import gib, size, tree_bytes
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("topology", None, "Cloud TPU accelerator type: v4-8, v5p-8, v5p-32, "
@@ -57,9 +57,6 @@ def run_plan() -> int:
     if not 0 <= FLAGS.margin < 1:
         raise TargetError(f"--margin must be in [0, 1), got {FLAGS.margin}")
     target = _target()
-    if target.platform == "gpu":
-        # N fake CPU devices stand in for the GPUs; the backend has not started yet.
-        jax.config.update("jax_num_cpu_devices", target.num_devices)
     run = parse(FLAGS.config)
     assume = Assumptions(reference_tokens=FLAGS.reference_tokens, segments=FLAGS.segments)
     kind = ("estimate: compiled for CPU devices standing in for GPUs" if target.estimate
@@ -80,7 +77,7 @@ def run_plan() -> int:
     print("\n".join(table(result.stage, result.results, target)))
     print()
     print("resident per device: " + ", ".join(
-        f"{k} {gib(tree_bytes(v))} GiB" for k, v in result.stage.resident.items()))
+        f"{k} {size(tree_bytes(v))}" for k, v in result.stage.resident.items()))
     v = result.verdict
     step = sum(r.seconds(target) * r.calls for r in result.results)
     print(f"roofline per stage step (programs x calls): {step:.1f} s")
@@ -101,6 +98,17 @@ def main(argv) -> None:
     sys.exit(status[0] if status else 2)
 
 
+def _fake_gpus(argv) -> None:
+    """For a GPU target, N fake CPU devices stand in for the GPUs: set before anything starts
+    the backend (loading the config file may)."""
+    for arg in argv:
+        if arg.startswith("--gpus="):
+            count = arg.split("=", 1)[1]
+            if count.isdigit() and int(count) > 0:
+                jax.config.update("jax_num_cpu_devices", int(count))
+
+
 if __name__ == "__main__":
+    _fake_gpus(sys.argv)
     cli.define_config(grpo_tiny, sys.argv)
     app.run(main, flags_parser=cli.parse_flags)

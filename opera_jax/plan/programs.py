@@ -106,6 +106,7 @@ def stage_programs(run, mesh: Mesh, assume: Assumptions = Assumptions()) -> Stag
 
 def _sft(run: SFTRun, mesh: Mesh) -> Stage:
     notes: list[str] = []
+    sft.check_config(run, mesh)
     model = plannable_model(run.model, notes)
     graphdef, params = build.abstract_params(model, mesh)
     tx, _, step = sft.cached_step(graphdef, run.sft.optim, run.sft.steps, run.sft.grad_accum,

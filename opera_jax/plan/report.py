@@ -97,15 +97,20 @@ def gib(n: float) -> str:
     return f"{n / GiB:.2f}"
 
 
+def size(n: float) -> str:
+    """Bytes for the table: GiB from 1 GiB up, MiB below."""
+    return f"{n / GiB:.2f} GiB" if abs(n) >= GiB else f"{n / 2 ** 20:.1f} MiB"
+
+
 def table(stage: Stage, results: list[Compiled], target: Target) -> list[str]:
-    """The per-program table, in GiB per device."""
+    """The per-program table, bytes per device."""
     lines = [f"| program | call shape | args | outputs | temps | peak | in stage | "
              f"TFLOP/call | roofline s/call | calls/step | compile s |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in results:
-        lines.append(f"| {r.name} | {r.shapes} | {gib(r.arguments)} | "
-                     f"{gib(r.outputs - r.aliased)} | {gib(r.temporaries)} | {gib(r.peak)} | "
-                     f"{gib(r.in_stage)} | {r.flops / 1e12:.2f} | {r.seconds(target):.3f} | "
+        lines.append(f"| {r.name} | {r.shapes} | {size(r.arguments)} | "
+                     f"{size(r.outputs - r.aliased)} | {size(r.temporaries)} | {size(r.peak)} | "
+                     f"{size(r.in_stage)} | {r.flops / 1e12:.3g} | {r.seconds(target):.3g} | "
                      f"{r.calls} | {r.compile_s:.0f} |")
     return lines
 

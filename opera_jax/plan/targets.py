@@ -20,6 +20,7 @@ CPU devices with the same mesh (an estimate; see plan/report.py for how far it m
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 
 import jax
@@ -81,6 +82,8 @@ class Target:
         """Compile devices: libtpu's compile-only TPU devices, or the CPU devices (the caller
         has set `jax_num_cpu_devices` to num_devices before the backend started)."""
         if self.platform == "tpu":
+            # No TPU here: libtpu only compiles, so other planner processes may load it too.
+            os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
             try:
                 topo = topologies.get_topology_desc(
                     platform="tpu", topology_name=self.topology,
