@@ -10,6 +10,10 @@ config on every worker (launch/tpu_vm.sh): the mesh spans all hosts, every proce
 rollout and reward bookkeeping on the global batch.
 Published settings as in configs/grpo_qwen3_8b_gpu8.py; on v6e-8 (256 GB HBM in all) the
 rollout is split into 2 prompts × 16 rows per sampler call.
+
+Planned ahead of time for a v5p-8 (the table is in README.md):
+
+    python -m opera_jax.plan --config=configs/grpo_qwen3_8b_tpu.py --topology=v5p-8
 """
 
 from opera_jax.config.setups import grpo_published

@@ -74,6 +74,11 @@ def plan(run, target: Target, *, margin: float = 0.1, assume: Assumptions = Assu
     mesh = build.make_mesh(mesh_section, devices=target.devices())
     stage = stage_programs(run, mesh, assume)
     results = []
+    resident = sum(tree_bytes(v) for v in stage.resident.values())
+    if resident > target.hbm_bytes * (1 - margin) and only is None:
+        # The verdict is certain before any compile: say so at once (8B state on a 16 GiB
+        # chip would otherwise spend many minutes compiling programs that cannot run).
+        return Plan(target, stage, [], verdict(stage, [], target, run, margin), margin)
     for p in stage.programs:
         if only is not None and p.name not in only:
             continue

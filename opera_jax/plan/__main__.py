@@ -74,7 +74,10 @@ def run_plan() -> int:
     for note in result.stage.notes:
         print(f"note: {note}")
     print()
-    print("\n".join(table(result.stage, result.results, target)))
+    if result.results:
+        print("\n".join(table(result.stage, result.results, target)))
+    else:
+        print("no program compiled: the resident state alone is over the budget")
     print()
     print("resident per device: " + ", ".join(
         f"{k} {size(tree_bytes(v))}" for k, v in result.stage.resident.items()))

@@ -126,9 +126,15 @@ class Verdict:
 
 def verdict(stage: Stage, results: list[Compiled], target: Target, run,
             margin: float) -> Verdict:
-    """Whether the stage fits, and if not what to change (from the worst program's kind)."""
-    worst = max(results, key=lambda r: r.in_stage)
+    """Whether the stage fits, and if not what to change (from the worst program's kind).
+    Without results (not compiled: the resident state alone is over budget) the peak is the
+    resident state."""
     budget = int(target.hbm_bytes * (1 - margin))
+    if not results:
+        resident = sum(tree_bytes(v) for v in stage.resident.values())
+        return Verdict(resident <= budget, resident, "resident state", budget,
+                       _advice(stage, None, target, run, budget))
+    worst = max(results, key=lambda r: r.in_stage)
     fits = worst.in_stage <= budget
     advice: list[str] = []
     if not fits:
@@ -136,7 +142,7 @@ def verdict(stage: Stage, results: list[Compiled], target: Target, run,
     return Verdict(fits, worst.in_stage, worst.name, budget, advice)
 
 
-def _advice(stage: Stage, worst: Compiled, target: Target, run, budget: int) -> list[str]:
+def _advice(stage: Stage, worst: Compiled | None, target: Target, run, budget: int) -> list[str]:
     resident = sum(tree_bytes(v) for v in stage.resident.values())
     total_resident = resident * target.num_devices  # sharded state, summed over devices
     out = []
@@ -146,6 +152,9 @@ def _advice(stage: Stage, worst: Compiled, target: Target, run, budget: int) -> 
                    f"optimizer{', reference' if 'reference' in stage.resident else ''}) "
                    f"exceeds {gib(budget)} GiB: shard it over more devices (fsdp over >= "
                    f"{need} devices of this size), or a larger target")
+    if worst is None:
+        out.append("programs not compiled: the resident state is over budget before any runs")
+        return out
     over = worst.in_stage - budget
     name = worst.name.removeprefix("val_")
     model = run.model
