@@ -112,8 +112,11 @@ def test_grpo_plan_has_every_program_and_resident_state():
 
 def _cli(*args, env=None):
     cmd = [sys.executable, "-m", "opera_jax.plan", *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **(env or {})})
+    # The planner compiles what a run compiles: without conftest's "highest" matmul precision
+    # (Mosaic rejects bf16 matmuls at that precision).
+    base = {k: v for k, v in os.environ.items() if k != "JAX_DEFAULT_MATMUL_PRECISION"}
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=3000,
+                          env={**base, **(env or {})})
 
 
 def test_cli_too_small_target_exits_1_with_advice():
@@ -186,7 +189,10 @@ def test_tpu_kernels_compile_for_a_real_topology():
                            kv_slots=jnp.arange(k.shape[1])[None], impl="splash",
                            q_offset=q_offset)
 
-    with sh.activation_mesh(mesh), A.for_platform("tpu"):
+    # Default matmul precision, as a run has (conftest asks for "highest", which Mosaic
+    # rejects for bf16 matmuls).
+    with sh.activation_mesh(mesh), A.for_platform("tpu"), jax.default_matmul_precision(
+            "default"):
         window = jax.jit(lambda q, k, v, a, c: attend(
             q, k, v, a, c, 128 + jnp.arange(256)[None] + jnp.zeros((b, 1), jnp.int32),
             128)).lower(q, kv, kv, seg_q, seg_kv).compile()
