@@ -30,4 +30,8 @@ def get_config():
     c.rollout.prompts_per_call = 2
     c.grpo.grad_accum = 16
     c.grpo.peak_flops = 918e12   # v6e per chip, dense bf16 (v5p: 459e12)
+    # The reward's prefill in one pass over prompt + response (16,384 tokens): right-padded
+    # rows from slot 0 go through splash, where 1,024-token chunks at a traced cache offset
+    # would fall back to xla's dense [chunk, 17k-slot] scores (planned: see the docstring).
+    c.reward.prefill_chunk = 16384
     return c

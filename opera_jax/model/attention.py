@@ -77,7 +77,8 @@ _TARGET: contextvars.ContextVar[tuple[str, bool] | None] = contextvars.ContextVa
 def for_platform(platform: str | None, *, interpret: bool = False):
     """Within this block, traced attention picks backends for `platform` ("tpu", "gpu",
     "cpu") whatever this process runs on; `interpret` runs Pallas kernels in the interpreter
-    (the planner's GPU estimate on CPU devices, where no GPU compiler exists)."""
+    (the planner's GPU estimate on CPU devices, where no GPU compiler exists). jax caches
+    traces by function and arguments, not by this context: clear them after (`plan` does)."""
     token = _TARGET.set(None if platform is None else (platform, interpret))
     try:
         yield

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+
 from opera_jax.config import build
 from opera_jax.plan.programs import Assumptions, Program, Stage, stage_programs
 from opera_jax.plan.report import (Compiled, Verdict, compile_program, table, tree_bytes,
@@ -67,6 +69,17 @@ def plan(run, target: Target, *, margin: float = 0.1, assume: Assumptions = Assu
       only: compile only these programs (tests); None = all.
       progress: called with each Compiled as it is done (the command prints a line).
     """
+    # Traces made for the target (attention chosen for its platform) must not be reused by
+    # later calls in this process: jax keys its caches on functions and arguments, not on
+    # `attention.for_platform`.
+    jax.clear_caches()
+    try:
+        return _plan(run, target, margin, assume, only, progress)
+    finally:
+        jax.clear_caches()
+
+
+def _plan(run, target, margin, assume, only, progress) -> Plan:
     mesh_section = run.mesh
     if mesh_section.num_devices is not None and mesh_section.num_devices > target.num_devices:
         raise TargetError(f"mesh.num_devices={mesh_section.num_devices} > the "
