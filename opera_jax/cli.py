@@ -109,10 +109,9 @@ def parse_flags(argv):
         _fail(str(e))
 
 
-def run_main(main: Callable[[], object], *, extra_errors: tuple = ()) -> None:
+def run_main(main: Callable[[], object]) -> None:
     """Runs `main` as a command: multi-process start-up, SIGTERM turned into a saved stop,
-    bad input (`USER_ERRORS` and `extra_errors`) reported in one line (exit 2), a preempted
-    stage exiting with PREEMPTED_EXIT."""
+    bad input reported in one line (exit 2), a preempted stage exiting with PREEMPTED_EXIT."""
     # Orbax logs every save step at INFO through absl; keep those to warnings.
     logging.getLogger("absl").setLevel(logging.WARNING)
     logging.getLogger("opera_jax").setLevel(logging.INFO)
@@ -122,5 +121,5 @@ def run_main(main: Callable[[], object], *, extra_errors: tuple = ()) -> None:
             main()
     except Preempted as e:
         _fail(f"preempted: {e}", PREEMPTED_EXIT)
-    except USER_ERRORS + tuple(extra_errors) as e:
+    except USER_ERRORS as e:
         _fail(f"error: {e}")

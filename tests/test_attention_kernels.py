@@ -15,6 +15,7 @@ from flax import nnx
 
 from opera_jax.model import attention as A
 from opera_jax.model import Qwen3, Qwen3Config
+from opera_jax.model.blockwise import blockwise_attention
 from opera_jax.model.decode_tpu import decode_attention
 from opera_jax.model.flash_gpu import flash_attention
 from opera_jax.model.splash_tpu import splash_attention
@@ -84,6 +85,19 @@ def test_flash_gpu_equals_xla_forward_and_gradients(name, q, k, v, qseg, kseg, o
         q, k, v, qseg, kseg, offset, block_q=16, block_k=16, interpret=True)),
         argnums=(0, 1, 2))(q, k, v)
     for a, b in zip(g_got, g_want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-5)
+
+
+@pytest.mark.parametrize("name,q,k,v,qseg,kseg,offset", _shapes(), ids=[s[0] for s in _shapes()])
+def test_blockwise_stand_in_equals_xla(name, q, k, v, qseg, kseg, offset):
+    """The planner's GPU stand-in computes what the kernels compute (forward and gradients)."""
+    fn = lambda q, k, v: blockwise_attention(q, k, v, qseg, kseg, offset, block=16)  # noqa: E731
+    want = _xla(q, k, v, qseg, kseg, offset)
+    np.testing.assert_allclose(np.asarray(fn(q, k, v)), np.asarray(want), atol=2e-5)
+    loss = lambda f: lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v)) * 1.3)  # noqa: E731
+    g_want = jax.grad(loss(lambda q, k, v: _xla(q, k, v, qseg, kseg, offset)),
+                      argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(jax.grad(loss(fn), argnums=(0, 1, 2))(q, k, v), g_want):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-5)
 
 

@@ -29,8 +29,8 @@ above); None picks by platform: cudnn on GPU, splash on TPU, xla elsewhere. Kern
 `shard_map` when an activation mesh is active (batch over data + fsdp, heads over tensor):
 custom calls cannot be partitioned by XLA. A backend that cannot take a call (dtype, shapes,
 a dense mask) falls back to "xla" and logs why, once per reason. `for_platform` lets the
-planner choose backends for a TPU or GPU it compiles for on a CPU host (Pallas kernels then run
-in the interpreter where no compiler for the target exists).
+planner choose backends for a TPU or GPU it compiles for on a CPU host; for a GPU estimate on CPU
+devices the fused kernels are stood in for by `blockwise.py` (their algorithm in XLA loops).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from opera_jax import sharding as sh
-from opera_jax.model import decode_tpu, flash_gpu, splash_tpu
+from opera_jax.model import blockwise, decode_tpu, flash_gpu, splash_tpu
 
 log = logging.getLogger(__name__)
 
@@ -69,17 +69,19 @@ class Layout(str, enum.Enum):
     GENERAL = "general"            # whatever the segment ids and slots say
 
 
-_TARGET: contextvars.ContextVar[tuple[str, bool] | None] = contextvars.ContextVar(
+_TARGET: contextvars.ContextVar[tuple[str, bool, bool] | None] = contextvars.ContextVar(
     "attention_target", default=None)
 
 
 @contextlib.contextmanager
-def for_platform(platform: str | None, *, interpret: bool = False):
+def for_platform(platform: str | None, *, interpret: bool = False, stand_in: bool = False):
     """Within this block, traced attention picks backends for `platform` ("tpu", "gpu",
-    "cpu") whatever this process runs on; `interpret` runs Pallas kernels in the interpreter
-    (the planner's GPU estimate on CPU devices, where no GPU compiler exists). jax caches
-    traces by function and arguments, not by this context: clear them after (`plan` does)."""
-    token = _TARGET.set(None if platform is None else (platform, interpret))
+    "cpu") whatever this process runs on. `interpret`: Pallas kernels run in the interpreter
+    (tests). `stand_in`: the GPU kernels (cuDNN, Pallas flash) are replaced by `blockwise`,
+    their algorithm in XLA loops with their memory (the planner's GPU estimate on CPU devices,
+    where neither compiler exists). jax caches traces by function and arguments, not by this
+    context: clear them after (`plan` does)."""
+    token = _TARGET.set(None if platform is None else (platform, interpret, stand_in))
     try:
         yield
     finally:
@@ -103,6 +105,11 @@ def _interpret() -> bool:
     if target is not None:
         return target[1]
     return target_platform() == "cpu"
+
+
+def _stand_in() -> bool:
+    target = _TARGET.get()
+    return bool(target and target[2])
 
 
 def default_impl(platform: str | None = None) -> AttentionImpl:
@@ -205,6 +212,8 @@ def _xla(q, k, v, q_segment_ids, kv_segment_ids, q_slots, kv_slots, mask):
 def _gpu_route(impl, platform, q, k, layout: Layout, q_offset):
     """(kernel taking (q, k, v, q_seg, kv_seg, q_offset), None) or (None, why not)."""
     interpret = _interpret()
+    if platform == "gpu" and _stand_in():  # the planner's estimate: the kernels' memory
+        return blockwise.blockwise_attention, None
     if platform != "gpu" and not (impl is AttentionImpl.FLASH and interpret):
         return None, f"needs an NVIDIA GPU, platform is {platform}"
     h = q.shape[-1]

@@ -17,6 +17,7 @@ Exit status: 0 the stage fits, 1 it does not, 2 bad input (config, target).
 """
 
 import json
+import logging
 import sys
 
 import jax
@@ -96,9 +97,14 @@ def run_plan() -> int:
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    status = []
-    cli.run_main(lambda: status.append(run_plan()), extra_errors=(ValueError,))
-    sys.exit(status[0] if status else 2)
+    # Not cli.run_main: the planner saves nothing, so SIGTERM simply ends it.
+    logging.getLogger("opera_jax").setLevel(logging.INFO)
+    try:
+        status = run_plan()
+    except cli.USER_ERRORS + (ValueError,) as e:  # bad config, target or batch shapes
+        print(f"error: {e}", file=sys.stderr)
+        status = 2
+    sys.exit(status)
 
 
 def _fake_gpus(argv) -> None:

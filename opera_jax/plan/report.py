@@ -14,10 +14,12 @@ remat) are not, so FLOPs are a lower bound. Time is the roofline: max(FLOPs / pe
 bytes / HBM bandwidth) per call, times its calls per stage step.
 
 GPU estimates compile for CPU devices. The CPU compiler fuses less and schedules differently,
-and it has no cuDNN: attention runs the Pallas flash kernel in the interpreter, whose memory
-(O(T) per row, no T x S scores) is that of a fused kernel. Expect the temporaries within
-about ±30 % of a real GPU compile, the arguments and outputs exact (see benchmarks/RESULTS.md
-for the measured comparison when one has run).
+and it has neither cuDNN nor Triton: attention runs `model/blockwise.py`, the flash algorithm in
+XLA loops, whose memory (no T x S scores; q, k, v, output and log-sum-exp saved for the
+backward pass) is that of the fused kernels; its FLOPs count one key block (XLA counts a loop
+body once), so attention FLOPs are undercounted. Arguments and outputs are exact; the
+temporaries are the CPU compiler's buffer assignment, not measured against a GPU yet
+(benchmarks/gpu_suite.py's memory part makes that comparison on an H200).
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ def compile_program(p: Program, stage: Stage, target: Target) -> Compiled:
     the target's attention platform) and reads its memory and cost analyses."""
     t0 = time.perf_counter()
     with sh.activation_mesh(stage.mesh), attention.for_platform(
-            target.platform, interpret=target.estimate):
+            target.platform, stand_in=target.estimate):
         compiled = p.fn.lower(*p.args, **p.kwargs).compile()
     elapsed = time.perf_counter() - t0
     mem = compiled.memory_analysis()
