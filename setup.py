@@ -39,7 +39,16 @@ setup(
         # jax[tpu] brings the libtpu of its jax version: TPU VMs run on it, and the planner
         # (python -m opera_jax.plan --topology=…) compiles TPU programs with it on any machine.
         "tpu": ["jax[tpu]>=0.10.0,<0.12"],
+        # Readers of Parquet, Hugging Face datasets on disk and TFDS (data/tables.py): ~300 MB
+        # with pyarrow and pandas, needed only by runs that read those sources.
+        "data": ["pyarrow>=15", "datasets>=3.0", "tensorflow-datasets>=4.9.5"],
+        # Weights & Biases logging (train/metrics.py), only when log.wandb_project is set.
+        "wandb": ["wandb>=0.19"],
+        # reward.math_match=math_verify: equivalent answers (0.5, 1/2, \frac{1}{2}) match.
+        "math": ["math-verify>=0.7"],
         # torch is the CPU build pinned on purpose: the reference in parity tests only.
-        "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.13.0"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.13.0",
+                 "pyarrow>=15", "datasets>=3.0", "tensorflow-datasets>=4.9.5", "wandb>=0.19",
+                 "math-verify>=0.7"],
     },
 )

@@ -35,6 +35,8 @@ import sys
 import ml_collections
 import numpy as np
 from absl import app, flags
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from opera_jax import cli, pipeline
@@ -144,9 +146,6 @@ def write_table(units: list[dict], variants: list[str], path: str) -> str:
 
 
 def write_plot(units: list[dict], variants: list[str], path: str) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(12, 4), layout="constrained")
     FigureCanvasAgg(fig)
     acc_ax, reward_ax = fig.subplots(1, 2)
@@ -165,10 +164,11 @@ def write_plot(units: list[dict], variants: list[str], path: str) -> None:
         if sft:
             acc_ax.axhline(np.mean(sft), color=f"C{i}", ls="--", label="sft (evaluation)")
     acc_ax.set(title="held-out answer accuracy (validation, during RL)", xlabel="RL step")
-    reward_ax.set(title="training reward (OPERA, mean over the step)", xlabel="RL step")
+    reward_ax.set(title="training reward (each variant's own; the random control logs the "
+                        "OPERA reward)", xlabel="RL step")
     for ax in (acc_ax, reward_ax):
         ax.legend(fontsize="small")
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=72)
 
 
 def study(config: ml_collections.ConfigDict) -> None:

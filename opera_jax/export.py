@@ -3,7 +3,8 @@
 A trainer's Orbax checkpoint as a Hugging Face directory. RUN_DIR is a trainer's workdir
 (holding checkpoints/) or its checkpoints/ folder; the saved config names the architecture and
 tokenizer (`config.build.load_run`), and only the parameters are read, straight into the
-sharding of the devices at hand. The output (config.json, safetensors sharded above
+sharding of the devices at hand; a LoRA run's adapters are merged into its base (rebuilt from
+the saved `model` section), so the export is a plain model. The output (config.json, safetensors sharded above
 `--max_shard_gb`, generation_config.json, the tokenizer with its chat template) is written
 into a fresh directory and renamed into place: a non-empty `--out` is refused unless
 `--overwrite`, which replaces it whole.

@@ -169,7 +169,7 @@ def synth_run(run: PipelineRun, paths: Paths) -> SynthRun:
 def sft_run(run: PipelineRun, paths: Paths) -> SFTRun:
     return SFTRun(workdir=paths.sft, seed=run.seed, model=start_model(run, paths), mesh=run.mesh,
                   data=dataclasses.replace(run.data, path=records_path(synth_run(run, paths))),
-                  checkpoint=run.checkpoint, sft=run.sft)
+                  checkpoint=run.checkpoint, sft=run.sft, log=run.log)
 
 
 def grpo_run(run: PipelineRun, paths: Paths, *, workdir: str | None = None) -> GRPORun:
@@ -178,7 +178,7 @@ def grpo_run(run: PipelineRun, paths: Paths, *, workdir: str | None = None) -> G
     return GRPORun(workdir=workdir or paths.grpo, seed=run.seed, model=model, mesh=run.mesh,
                    data=run.data, checkpoint=run.checkpoint, grpo=run.grpo,
                    rollout=run.rollout, reward=run.reward, loss=run.loss,
-                   validation=run.validation)
+                   validation=run.validation, log=run.log)
 
 
 # ---------------------------------------------------------------- stages

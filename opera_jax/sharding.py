@@ -48,6 +48,7 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "mlp": "tensor",
     "norm": None,
     "layers": None,
+    "lora_rank": None,  # LoRA adapters (model/lora.py): the small rank axis is replicated
 }
 
 

@@ -71,8 +71,8 @@ def test_bad_values_name_their_key():
     with pytest.raises(ConfigError, match=r"config.model.dtype='float64' is not one of: "
                        r"float32, bfloat16, float16"):
         parse(c)
-    with pytest.raises(ConfigError, match=r"unknown config key config.rollout.'G'; valid keys "
-                       r"under 'config.rollout': max_new_tokens, max_prompt_len, n, "):
+    with pytest.raises(ConfigError, match=r"unknown config key 'config.rollout.G'; valid keys "
+                       r"under 'config.rollout': engine, max_new_tokens, max_prompt_len, n, "):
         from_config(GRPORun, {"rollout": {"G": 8}})
     with pytest.raises(ConfigError, match=r"config.sft.steps must be an integer, got '3'"):
         parse(ml_collections.ConfigDict({"stage": "sft", "sft": {"steps": "3"}}))

@@ -7,13 +7,13 @@ correction removed and with it reversed (the paragraph names a wrong value inste
 answer follows the thinking, as the domain defines it (it carries the values stated last), so
 the corrected response is the one with the right answer. Each pair is a group of two.
 
-Measured (2026-12-02, the default warm-up, 120 pairs): the corrected response gets the higher
-reward in 87.5 % of the pairs (88 % against the removed correction, 87 % against the reversed
-one). The issue asked for >= 90 %; the reward does not reach it on this domain: the rank term
-decides most pairs (it prefers the corrected response in 77–92 %), while the reflection term
-credits the correcting paragraph in only ~62 % of the pairs and the reversed one in ~40 %.
-docs/METHOD.md §6 discusses it. The test holds the measured level (>= 85 %) so that a change
-that weakens the reward's tie to the ground truth fails it.
+Measured (2026-12-02, the default run's warm-up model, 120 pairs): the corrected response gets
+the higher reward in 89.2 % of the pairs — 86.7 % against the removed correction, 91.7 %
+against the reversed one. The issue asked for >= 90 %; the reward falls just short on this
+domain: the rank term prefers the corrected response in 75 % / 90 % of the pairs, and the
+reflection term counts more reflections for it in 77 % / 37 % (docs/METHOD.md §6.3). The test
+holds the measured level with a margin (>= 85 % overall, >= 80 % each) so that a change that
+weakens the reward's tie to the ground truth fails it.
 """
 
 import random

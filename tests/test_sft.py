@@ -84,4 +84,5 @@ def test_unknown_override_lists_the_valid_keys():
         "unknown config key 'sft.stepz'; valid keys under 'sft': "
         "batch_size, chunk_size, grad_accum, log_every, optim, overlong, packing, seq_len, steps")
     assert check_overrides(config, ["--config.nope=1"]).startswith(
-        "unknown config key 'nope'; valid keys under 'the config': checkpoint, data, mesh")
+        "unknown config key 'nope'; valid keys under 'the config': checkpoint, data, log, lora, "
+        "mesh, model")

@@ -7,6 +7,11 @@ Every stage builds these the same way, here:
     params = load_params(run.model, mesh)                   # checkpoint | hf_dir | random preset
     tokenizer = load_model_tokenizer(run.model)
     model, tokenizer, saved, step = load_run(run_dir)       # a trainer's checkpoint as a model
+    pol = policy(run.model, run.lora, mesh, seed=run.seed)  # what a trainer trains (LoRA or all)
+
+A LoRA run's checkpoint holds its adapters only: wherever it is read as a model (`load_run`,
+`model.checkpoint` of a later stage, export) its base is rebuilt from the run's saved `model`
+section and the adapters are merged in, so the base (an `hf_dir`) must still be where it was.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from typing import Any, Callable
 
 import jax
 from flax import nnx
@@ -24,6 +30,7 @@ from opera_jax.checkpoint import Checkpointer, checkpoint_dir
 from opera_jax.config import sections as S
 from opera_jax.config.parse import from_config
 from opera_jax.model import build
+from opera_jax.model import lora as lora_lib
 from opera_jax.model.config import Qwen3Config
 from opera_jax.model.hf_io import load_hf_model
 from opera_jax.tokenizer import load_tokenizer
@@ -98,16 +105,111 @@ def load_model_tokenizer(model: S.Model):
 
 def checkpoint_params(path: str, abstract: dict, *, step: int | None = None) -> dict:
     """The parameters of an Orbax run (its dir or checkpoints/), read into the shardings and
-    dtypes of `abstract`; `step` None = the newest readable checkpoint."""
+    dtypes of `abstract`; `step` None = the newest readable checkpoint. A LoRA run's adapters
+    are merged into its base (module docstring)."""
     ckpt = Checkpointer(checkpoint_dir(path), keep=None, async_save=False)
     try:
         step = ckpt.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no complete checkpoint in {ckpt.directory!r}")
         log.info("parameters from %s step %d", path, step)
-        return ckpt.restore_params(step, abstract)
+        saved = ckpt.saved_config(step)
+        lora = from_config(S.Lora, saved.get("lora", {}), f"{path}: saved config.lora")
+        if lora.rank is None:
+            return ckpt.restore_params(step, abstract)
+        model = from_config(S.Model, saved["model"], f"{path}: saved config.model")
+        mesh = jax.tree.leaves(abstract)[0].sharding.mesh
+        pol = policy(model, lora, mesh)
+        adapters = ckpt.restore_params(step, pol.abstract)
     finally:
         ckpt.close()
+    merge = jax.jit(lambda f, a: jax.tree.map(
+        lambda x, t: x.astype(t.dtype), lora_lib.merge_params(f, a, spec=lora_spec(lora)),
+        abstract), out_shardings=jax.tree.map(lambda t: t.sharding, abstract))
+    return merge(pol.frozen, adapters)
+
+
+def lora_spec(lora: S.Lora) -> lora_lib.LoraSpec:
+    return lora_lib.LoraSpec(rank=lora.rank, alpha=lora.alpha, targets=lora.targets)
+
+
+def quant_spec(lora: S.Lora) -> lora_lib.QuantSpec | None:
+    if lora.quantize is None:
+        return None
+    bits = {S.Quant.INT8: 8, S.Quant.INT4: 4}[lora.quantize]
+    return lora_lib.QuantSpec(bits=bits, group_size=lora.group_size, targets=lora.targets)
+
+
+@dataclasses.dataclass
+class Policy:
+    """What a trainer trains, from the `model` and `lora` sections (see `policy`).
+
+    Attributes:
+      graphdef: the model's graph (with adapters under LoRA).
+      abstract: the trainable params as ShapeDtypeStructs carrying their shardings: every
+        weight, or the adapters only.
+      frozen: LoRA: the frozen base (nested dicts of sharded arrays in the compute dtype, the
+        targets quantized with `lora.quantize`); None when every weight trains.
+      base_graphdef: LoRA: the graph of the base alone, the KL reference; else None.
+    """
+
+    graphdef: Any
+    abstract: dict
+    frozen: dict | None
+    base_graphdef: Any
+    initial: Callable[[], dict]  # the initial trainable params
+
+    def init(self) -> dict:
+        """The trainable params to start from (the model section's weights, or fresh
+        adapters: B = 0, so the adapted model starts as the base)."""
+        return self.initial()
+
+    def params(self, trainable: dict) -> dict:
+        """The whole params tree of the model (the frozen base shared, not copied)."""
+        return lora_lib.combine(self.frozen, trainable)
+
+    def model(self, trainable: dict):
+        """The `Qwen3` with these trainable params (over the frozen base)."""
+        return nnx.merge(self.graphdef, self.params(trainable))
+
+
+def lora_abstract(model: S.Model, lora: S.Lora, mesh: Mesh):
+    """The shapes of a LoRA run, nothing loaded or allocated (memory planning, restores).
+
+    Returns:
+      (graphdef of the adapted model, adapters, graphdef of the base, frozen base): the
+      params as nested dicts of ShapeDtypeStructs carrying their shardings; the base in the
+      compute dtype with its quantized targets (int8 / int4 values, float32 scales).
+    """
+    spec, quant = lora_spec(lora), quant_spec(lora)
+    arch, kwargs = architecture(model), model_kwargs(model)
+    kwargs["param_dtype"] = kwargs["dtype"]  # the frozen base: compute dtype (adapters below)
+    adapted = build.abstract_model(arch, **{**model_kwargs(model), "lora": spec, "quant": quant})
+    graphdef, adapters = nnx.split(adapted, nnx.LoRAParam, ...)[:2]
+    base = build.abstract_model(arch, **kwargs, quant=quant)
+
+    def sds(state, shardings):
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            nnx.to_pure_dict(state), nnx.to_pure_dict(shardings))
+
+    return (graphdef, sds(adapters, build.param_shardings(adapters, mesh)),
+            nnx.split(base)[0], sds(nnx.state(base), build.param_shardings(base, mesh)))
+
+
+def policy(model: S.Model, lora: S.Lora, mesh: Mesh, *, seed: int = 0) -> Policy:
+    """The trained model of a stage: every weight (`lora.rank` None), or LoRA adapters (in
+    `model.param_dtype`, drawn from `seed`) over a frozen base loaded like any start point
+    (`load_params`), cast to the compute dtype and quantized as `lora.quantize` says."""
+    if lora.rank is None:
+        graphdef, abstract = abstract_params(model, mesh)
+        return Policy(graphdef, abstract, None, None, lambda: load_params(model, mesh))
+    graphdef, abstract, base_graphdef, base = lora_abstract(model, lora, mesh)
+    quant, kwargs = quant_spec(lora), model_kwargs(model)
+    freeze = jax.jit(lambda p: lora_lib.quantize_params(p, quant, kwargs["dtype"]),
+                     out_shardings=jax.tree.map(lambda x: x.sharding, base), donate_argnums=0)
+    frozen = freeze(load_params(model, mesh))
+    return Policy(graphdef, abstract, frozen, base_graphdef, lambda: build.init_adapters(
+        architecture(model), mesh=mesh, seed=seed, **{**kwargs, "lora": lora_spec(lora)}))
 
 
 def saved_model_section(path: str, step: int | None = None) -> tuple[S.Model, int]:

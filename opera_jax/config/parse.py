@@ -89,7 +89,7 @@ def from_config(cls, config, where: str = "config"):
     fields = {f.name: f for f in _fields(cls)}
     unknown = sorted(set(config.keys()) - set(fields))
     if unknown:
-        raise ConfigError(f"unknown config key {where}.{unknown[0]!r}; valid keys under "
+        raise ConfigError(f"unknown config key '{where}.{unknown[0]}'; valid keys under "
                           f"{where!r}: {', '.join(sorted(fields))}")
     hints, kwargs = _hints(cls), {}
     for name in fields:

@@ -35,6 +35,8 @@ class SFTRun:
     data: S.Data = S.Data(path="toy:sft:256")
     checkpoint: S.Checkpoint = S.Checkpoint()
     sft: S.SFT = S.SFT()
+    lora: S.Lora = S.Lora()
+    log: S.Log = S.Log()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +57,8 @@ class GRPORun:
     loss: S.Loss = S.Loss()
     validation: S.Validation = S.Validation()
     reference: S.Reference = S.Reference()
+    lora: S.Lora = S.Lora()
+    log: S.Log = S.Log()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +104,7 @@ class PipelineRun:
     loss: S.Loss = S.Loss()
     validation: S.Validation = S.Validation()
     eval: S.Eval = S.Eval(scorer="sft")
+    log: S.Log = S.Log()               # the SFT and GRPO stages
 
 
 RUNS = {cls.STAGE: cls for cls in (PipelineRun, SynthRun, SFTRun, GRPORun)}

@@ -17,6 +17,7 @@ import enum
 
 from opera_jax.enums import coerce
 from opera_jax.model.attention import AttentionImpl
+from opera_jax.model.lora import TARGETS as LORA_TARGETS
 from opera_jax.reward.config import GUIDING_WORDS
 
 
@@ -67,8 +68,25 @@ class OldLogprobs(str, enum.Enum):
 class Aggregation(str, enum.Enum):
     """How per-token loss terms become one number."""
 
-    TOKEN_MEAN = "token_mean"  # over every response token of the mini-batch
-    SEQ_MEAN = "seq_mean"      # per-sequence mean, averaged over sequences
+    TOKEN_MEAN = "token_mean"  # over every response token of the mini-batch (GRPO here, DAPO)
+    SEQ_MEAN = "seq_mean"      # per-sequence mean, averaged over sequences (published micro-batches)
+    # the sum over every response token / (sequences · loss.norm_constant): Dr. GRPO
+    TOKEN_SUM_NORM = "token_sum_norm"
+
+
+class KLEstimator(str, enum.Enum):
+    """Per-token estimate of KL(π ‖ π_ref) from d = log π_ref − log π (Schulman's k1–k3)."""
+
+    K1 = "k1"  # −d
+    K2 = "k2"  # d² / 2
+    K3 = "k3"  # exp(d) − d − 1, d and the result clamped (published, "low-variance")
+
+
+class Ratio(str, enum.Enum):
+    """The importance ratio the clipped surrogate uses."""
+
+    TOKEN = "token"        # π / π_old per token (PPO, GRPO, DAPO)
+    SEQUENCE = "sequence"  # exp(mean over the sequence's tokens of log π − log π_old) (GSPO)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +109,43 @@ class Model:
     attention_impl: AttentionImpl | None = None  # None = the platform's default
 
 
+class Quant(str, enum.Enum):
+    """How LoRA's frozen target projections are stored (QLoRA)."""
+
+    INT8 = "int8"
+    INT4 = "int4"
+
+
+@dataclasses.dataclass(frozen=True)
+class Lora:
+    """Low-rank adapters (model/lora.py): only the rank-r updates of the target projections
+    train; the base stays frozen in the compute dtype (`model.dtype`: bf16 for a bf16 run),
+    its targets optionally quantized. Checkpoints hold the adapters and their optimizer
+    state; export merges them into the weights. The KL reference is the base without
+    adapters (no second copy)."""
+
+    rank: int | None = None            # None = every weight trains (no adapters)
+    alpha: float = 16.0                # the update is (alpha / rank) · x·A·B
+    targets: tuple[str, ...] = tuple(LORA_TARGETS)
+    quantize: Quant | None = None      # the frozen targets in int8 / int4; None = model.dtype
+    group_size: int | None = 128       # input elements per quantization scale; None = per channel
+
+    def __post_init__(self):
+        object.__setattr__(self, "targets", tuple(self.targets))
+        if self.quantize is not None:
+            object.__setattr__(self, "quantize", coerce(Quant, self.quantize, "lora.quantize"))
+        unknown = sorted(set(self.targets) - set(LORA_TARGETS))
+        if unknown or not self.targets:
+            raise ValueError(f"lora.targets must be a non-empty subset of "
+                             f"{', '.join(LORA_TARGETS)}; got {', '.join(self.targets)}")
+        if self.rank is not None and self.rank < 1:
+            raise ValueError(f"lora.rank must be >= 1 (or None), got {self.rank}")
+        if self.quantize is not None and self.rank is None:
+            raise ValueError("lora.quantize needs lora.rank (a quantized base is frozen)")
+        if self.group_size is not None and self.group_size < 1:
+            raise ValueError(f"lora.group_size must be >= 1 (or None), got {self.group_size}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Mesh:
     """The (data, fsdp, tensor) device mesh."""
@@ -105,8 +160,9 @@ class Mesh:
 class Data:
     """The stage's input rows and how they are read (opera_jax/data/sources.py)."""
 
-    # JSONL / ArrayRecord files (comma-separated, globs), or the embedded toy domain:
-    # "toy:<kind>:<count>" with kind sft | warmup | prompts | heldout.
+    # JSONL / Parquet / ArrayRecord files (comma-separated, globs); "hf:DIR_OR_FILES[:SPLIT]"
+    # (Hugging Face datasets on disk); "tfds:NAME[/CONFIG][:SPLIT]"; or the embedded toy
+    # domain "toy:<kind>:<count>" with kind sft | prompts | heldout.
     path: str = "toy:prompts:256"
     on_bad_row: OnBadRow = OnBadRow.SKIP
     seed: int = 0                      # shuffle order (reshuffled every epoch) and toy rows
@@ -116,6 +172,7 @@ class Data:
     # thinkings are plain text by default, so a row cannot forge a turn or a think block;
     # True encodes them as the control tokens (data that means them).
     special_tokens_in_text: bool = False
+    tfds_data_dir: str | None = None   # where tfds: datasets are prepared; None = $TFDS_DATA_DIR
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +182,18 @@ class Checkpoint:
     every: int | None = 10             # steps between saves; None = only last step / SIGTERM
     keep: int | None = 2               # newest checkpoints kept; None = all
     async_save: bool = True            # write files in the background
+
+
+@dataclasses.dataclass(frozen=True)
+class Log:
+    """Where a trainer's metrics go besides the console, metrics.jsonl and TensorBoard
+    (train/metrics.py). Weights & Biases honours its environment (WANDB_MODE=offline writes
+    the run under workdir/wandb/ for `wandb sync`; WANDB_API_KEY, …)."""
+
+    wandb_project: str | None = None   # also log to this W&B project; None = no W&B
+    wandb_entity: str | None = None    # None = the account's default
+    wandb_name: str | None = None      # run name; None = W&B's
+    wandb_group: str | None = None     # e.g. the stages of one pipeline run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,8 +239,17 @@ class Warmup(SFT):
     cache: str = "~/.cache/opera_jax/warmup"
 
 
+class _EngineChoice:
+    """The `engine` / `slots` pair of a section that samples."""
+
+    def sampler_slots(self) -> int | str | None:
+        """What `Sampler.sample(slots=…)` takes: the engine's slots ("auto": chosen from the
+        model and memory), or None for the fixed-batch sampler."""
+        return (self.slots or "auto") if self.engine else None
+
+
 @dataclasses.dataclass(frozen=True)
-class Rollout:
+class Rollout(_EngineChoice):
     """What GRPO samples each RL step."""
 
     num_prompts: int = 8               # prompts per RL step
@@ -181,26 +259,46 @@ class Rollout:
     temperature: float = 1.0
     top_p: float = 1.0                 # 1 = off
     top_k: int | None = None           # None = off
-    prompts_per_call: int | None = None  # sampler call size in prompts; None = all at once
+    # The continuous-batching engine (sampling/engine.py): at most `slots` rows decode at once
+    # over a paged KV cache, the rest queue; None = as many as the memory holds. engine=False
+    # runs the fixed-batch sampler, `prompts_per_call` prompts per call (None = all at once).
+    engine: bool = True
+    slots: int | None = None
+    prompts_per_call: int | None = None
+
 
 
 @dataclasses.dataclass(frozen=True)
 class Loss:
-    """The GRPO loss (train/grpo_loss.py states exactly what is kept)."""
+    """The GRPO loss (train/grpo_loss.py states exactly what is kept). The defaults are the
+    published GRPO; the variants (README "Loss variants") are settings of these keys:
+    Dr. GRPO std_normalize=False, aggregation=token_sum_norm; DAPO clip_high=0.28 with
+    grpo.dynamic_sampling; GSPO ratio=sequence with small clips and no dual clip."""
 
     clip_low: float = 0.2
-    clip_high: float = 0.2
-    dual_clip: float = 3.0             # c > 1, for negative advantages
+    clip_high: float = 0.2             # DAPO's clip-higher: > clip_low
+    dual_clip: float | None = 3.0      # c > 1, for negative advantages; None (or inf) = off
     log_ratio_clamp: float = 20.0
-    kl_coef: float = 0.001             # k3 KL to the reference as a loss term; 0 = none
-    kl_clamp: float = 10.0
+    ratio: Ratio = Ratio.TOKEN
+    kl_coef: float = 0.001             # weight of the KL-to-reference loss term; 0 = no KL term
+    kl_estimator: KLEstimator = KLEstimator.K3
+    kl_clamp: float = 10.0             # k3 only
     aggregation: Aggregation = Aggregation.TOKEN_MEAN
+    norm_constant: int | None = None   # token_sum_norm's divisor; None = rollout.max_new_tokens
+    std_normalize: bool = True         # advantages / group std (GRPO); False: centred only
 
     def __post_init__(self):
-        object.__setattr__(self, "aggregation",
-                           coerce(Aggregation, self.aggregation, "loss.aggregation"))
-        if self.dual_clip <= 1.0:
-            raise ValueError(f"loss.dual_clip must be > 1, got {self.dual_clip}")
+        for name, cls in (("aggregation", Aggregation), ("kl_estimator", KLEstimator),
+                          ("ratio", Ratio)):
+            object.__setattr__(self, name, coerce(cls, getattr(self, name), f"loss.{name}"))
+        if self.dual_clip is not None and self.dual_clip <= 1.0:
+            raise ValueError(f"loss.dual_clip must be > 1 (or None), got {self.dual_clip}")
+        if not (0 <= self.clip_low < 1 and self.clip_high >= 0):
+            raise ValueError(f"loss.clip_low must be in [0, 1) and loss.clip_high >= 0, got "
+                             f"{self.clip_low}, {self.clip_high}")
+        if self.norm_constant is not None and self.norm_constant < 1:
+            raise ValueError(f"loss.norm_constant must be >= 1 (or None), got "
+                             f"{self.norm_constant}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,6 +315,10 @@ class GRPO:
     # A control run: the step's rewards permuted at random across the batch before the
     # advantages (same mean and variance, no relation to the response). benchmarks/study.py.
     random_rewards: bool = False
+    # DAPO's dynamic sampling: groups whose rewards are all equal (no advantage) are dropped
+    # and the batch refilled from further prompts, up to max_sampling_rounds rollouts a step.
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = 4
     optim: Optim = Optim(lr=1e-3, warmup_frac=0.4)
 
 
@@ -240,7 +342,7 @@ class Validation:
 
 
 @dataclasses.dataclass(frozen=True)
-class Synth:
+class Synth(_EngineChoice):
     """Cold-start synthesis (docs/METHOD.md §4)."""
 
     guiding_words: tuple[str, ...] = GUIDING_WORDS
@@ -262,8 +364,14 @@ class Synth:
     batch_prompts: int = 16            # prompts in flight
     batch_candidates: bool = True      # B candidates in one call (False: one call each)
     rows_per_call: int | None = None   # cap on rows per sampler call; None = none
-    compact: bool = True               # narrow a call's batch as its rows finish
+    # The engine keeps each prompt's pages across its phases (prefix cache), so a phase
+    # prefills only its new tokens; slots None = as many as the memory holds. engine=False:
+    # the fixed-batch sampler, `compact` narrowing a call's batch as its rows finish.
+    engine: bool = True
+    slots: int | None = None
+    compact: bool = True
     progress: bool = True              # tqdm bar
+
 
     def __post_init__(self):
         if self.num_candidates < 1 or self.batch_prompts < 1:
@@ -271,12 +379,12 @@ class Synth:
 
 
 # Synth fields that only decide how work is batched or shown: they never change a record.
-SYNTH_BATCHING_FIELDS = ("batch_prompts", "batch_candidates", "rows_per_call", "compact",
-                         "progress")
+SYNTH_BATCHING_FIELDS = ("batch_prompts", "batch_candidates", "rows_per_call", "engine",
+                         "slots", "compact", "progress")
 
 
 @dataclasses.dataclass(frozen=True)
-class Eval:
+class Eval(_EngineChoice):
     """Evaluation on held-out prompts (opera_jax/evaluation)."""
 
     prompts: str = "toy:heldout:32"    # prompt rows (data.path syntax; benchmark fields too)
@@ -290,3 +398,6 @@ class Eval:
     seed: int = 0
     scorer: str | None = None          # a source label that scores every model; None = each itself
     dtype: Dtype = Dtype.FLOAT32
+    engine: bool = True                # the continuous-batching engine (as rollout.engine)
+    slots: int | None = None
+

@@ -1,4 +1,4 @@
-"""Line-numbered JSONL reading with per-row validation.
+"""Line-numbered JSONL reading with per-row validation (data/schema.py).
 
 Every problem names the file and the 1-based line number, e.g.
 
@@ -6,65 +6,42 @@ Every problem names the file and the 1-based line number, e.g.
 
 `on_error` decides what a bad row does: `OnBadRow.RAISE` stops at the first one with a
 `BadRowError`; `OnBadRow.SKIP` names the first few, drops them all and logs a count. A bad row
-is one that is not valid UTF-8, not JSON, not an object, lacks a required field, or holds a
-`task_type` that is not one of the reward's. Blank lines are ignored (a trailing newline is
-not an error). A file with no valid row is always an error.
+is one that is not valid UTF-8, not JSON, not an object, or fails the schema (a missing
+required field, a `task_type` that is not one of the reward's; schema.py). Blank lines are
+ignored (a trailing newline is not an error). A file with no valid row is always an error.
 
-Each returned record is the row's JSON object plus `"_source": "path:line"`, so later stages
-(tokenisation, packing) can name the row too.
+Each returned record is the row, mapped onto the schema, plus `"_source": "path:line"`, so
+later stages (tokenisation, packing) can name the row too.
 """
 
 from __future__ import annotations
 
 import glob
 import json
-import logging
 import os
-from typing import Any, Sequence
+from typing import Sequence
 
 from opera_jax.config.sections import OnBadRow
-from opera_jax.reward.config import TaskType
+from opera_jax.data.schema import (PROMPT_FIELDS, SFT_FIELDS, BadRowError, Rows, check_row,
+                                   validate_rows)
 
-log = logging.getLogger(__name__)
-
-# The fields an SFT row must hold (non-empty strings); `id` and `reference` are optional.
-SFT_FIELDS = ("prompt", "thinking", "output")
-# Bad rows named one by one before the count takes over.
-_NAMED = 3
+__all__ = ["PROMPT_FIELDS", "SFT_FIELDS", "BadRowError", "Rows", "check_row", "expand_paths",
+           "read_jsonl", "read_jsonl_files", "write_jsonl"]
 
 
-class Rows(list):
-    """The valid rows of a read, with the number of bad ones that were skipped."""
-
-    bad: int = 0
-
-
-class BadRowError(ValueError):
-    """A malformed JSONL row; the message starts with `path:line:`."""
-
-    def __init__(self, path: str, line: int, reason: str):
-        super().__init__(f"{path}:{line}: {reason}")
-        self.path, self.line, self.reason = path, line, reason
-
-
-def check_row(row: Any, required: Sequence[str]) -> str | None:
-    """Why `row` is not a valid record (None when it is): an object whose `required` fields
-    are non-empty strings."""
-    if not isinstance(row, dict):
-        return f"expected a JSON object, got {type(row).__name__}"
-    for field in required:
-        if field not in row:
-            return f"missing field {field!r}"
-        value = row[field]
-        if not isinstance(value, str):
-            return f"field {field!r} must be a string, got {type(value).__name__}"
-        if not value.strip():
-            return f"field {field!r} is empty"
-    task = row.get("task_type")
-    if task is not None and task not in {t.value for t in TaskType}:
-        return (f"field 'task_type' is {task!r}; valid: "
-                f"{', '.join(t.value for t in TaskType)}")
-    return None
+def _lines(path: str):
+    """(path, line number, JSON value or None, why it is unreadable or None) per non-blank
+    line."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                yield path, lineno, json.loads(raw.decode("utf-8")), None
+            except UnicodeDecodeError as e:
+                yield path, lineno, None, f"not valid UTF-8 (byte {e.start} of the line)"
+            except json.JSONDecodeError as e:
+                yield path, lineno, None, f"invalid JSON: {e.msg} at column {e.colno}"
 
 
 def read_jsonl(path: str | os.PathLike, *, required: Sequence[str] = (),
@@ -84,35 +61,10 @@ def read_jsonl(path: str | os.PathLike, *, required: Sequence[str] = (),
       BadRowError: a bad row with `on_error=RAISE` (naming file and line), or no valid row.
       FileNotFoundError: `path` does not exist.
     """
-    on_error = OnBadRow(on_error)
     path = os.fspath(path)
-    rows, bad = Rows(), 0
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw.decode("utf-8"))
-                reason = check_row(row, required)
-            except UnicodeDecodeError as e:
-                reason = f"not valid UTF-8 (byte {e.start} of the line)"
-            except json.JSONDecodeError as e:
-                reason = f"invalid JSON: {e.msg} at column {e.colno}"
-            if reason is not None:
-                if on_error is OnBadRow.RAISE:
-                    raise BadRowError(path, lineno, reason)
-                bad += 1
-                if bad <= _NAMED:
-                    log.warning("%s:%d: %s; skipping the row", path, lineno, reason)
-                continue
-            row["_source"] = f"{path}:{lineno}"
-            rows.append(row)
-    if bad:
-        log.warning("%s: skipped %d bad of %d rows", path, bad, bad + len(rows))
-    if not rows:
-        raise BadRowError(path, 0, f"no valid rows ({bad} bad)")
-    rows.bad = bad
-    return rows
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no data file {path!r}")
+    return validate_rows(path, _lines(path), required=required, on_error=on_error)
 
 
 def expand_paths(spec: str) -> list[str]:

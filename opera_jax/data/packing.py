@@ -32,7 +32,8 @@ BATCH_KEYS = ("tokens", "segment_ids", "positions", "loss_mask")
 
 
 class TokenizeSFT:
-    """Row dict → {"tokens": int32 [L], "loss_mask": int32 [L]}, or None when dropped.
+    """Row dict (`prompt`, `thinking`, `output`, optional `system`) → {"tokens": int32 [L],
+    "loss_mask": int32 [L]}, or None when dropped.
 
     Args:
       tokenizer: a `transformers` tokenizer with a Qwen3-style chat template.
@@ -54,7 +55,7 @@ class TokenizeSFT:
 
     def __call__(self, row: dict) -> dict | None:
         prompt = encode_prompt(self.tokenizer, row["prompt"], enable_thinking=self.enable_thinking,
-                               special_tokens_in_text=self.special)
+                               system=row.get("system"), special_tokens_in_text=self.special)
         response = encode_response(self.tokenizer, row["thinking"], row["output"],
                                    special_tokens_in_text=self.special)
         response.append(self.eos_id)

@@ -29,6 +29,7 @@ import numpy as np
 from opera_jax import tokenizer as tk
 from opera_jax.enums import coerce
 from opera_jax.data.packing import TokenizeSFT, batch_examples
+from opera_jax.data.schema import PROMPT_FIELDS
 from opera_jax.reward.config import TaskType
 
 log = logging.getLogger(__name__)
@@ -162,17 +163,15 @@ def sft_batches(records: Sequence[dict], tokenizer, *, eos_id: int, pad_id: int,
                           pad_id=pad_id, packing=packing)
 
 
-PROMPT_FIELDS = ("prompt", "reference")
-
-
 class TokenizePrompt:
-    """Prompt row (`prompt`, `reference`, optional `task_type`, `id`) → token ids.
+    """Prompt row (`prompt`, `reference`, optional `task_type`, `id`, `system`) → token ids.
 
-    The prompt gets the chat template with the generation prompt (thinking on by default), as
-    the policy sees it; the reference is tokenised on its own. Both are data: special-token
+    The prompt gets the chat template with the generation prompt (thinking on by default; the
+    row's system message first when it has one), as the policy sees it; the reference is
+    tokenised on its own. Both are data: special-token
     strings in them are plain text unless `special_tokens_in_text` (tokenizer.encode_prompt).
     Prompts longer than `max_prompt_len` tokens give None (dropped; `prompt_batches` counts
-    them).
+    them). The output keeps the row itself under "row" (user reward terms read it).
     """
 
     def __init__(self, tokenizer, *, max_prompt_len: int, enable_thinking: bool = True,
@@ -183,12 +182,12 @@ class TokenizePrompt:
 
     def __call__(self, row: dict) -> dict | None:
         ids = tk.encode_prompt(self.tokenizer, row["prompt"], enable_thinking=self.enable_thinking,
-                               special_tokens_in_text=self.special)
+                               system=row.get("system"), special_tokens_in_text=self.special)
         if len(ids) > self.max_prompt_len:
             return None
         reference = (tk.encode(self.tokenizer, row["reference"]) if self.special
                      else tk.encode_text(self.tokenizer, row["reference"]))
-        return {"id": str(row.get("id", "")), "prompt": row["prompt"],
+        return {"id": str(row.get("id", "")), "prompt": row["prompt"], "row": row,
                 "prompt_ids": np.asarray(ids, np.int32),
                 "reference_ids": np.asarray(reference, np.int32),
                 "task_type": coerce(TaskType, row.get("task_type", "writing"),

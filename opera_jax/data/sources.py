@@ -1,8 +1,17 @@
 """One reader for every data source a stage names in `data.path` (and the like).
 
     rows = open_rows("/data/sft.jsonl", required=SFT_FIELDS)       # JSONL (globs, commas)
+    rows = open_rows("/data/rl.parquet", required=PROMPT_FIELDS)   # Parquet (verl schema too)
     rows = open_rows("/data/rl.array_record")                       # ArrayRecord, random access
+    rows = open_rows("hf:/data/saved_dataset:train")                # HF datasets on disk
+    rows = open_rows("tfds:my_prompts/v1:train", tfds_data_dir=…)   # TFDS, local data_dir
     rows = open_rows("toy:prompts:256", seed=0)                      # the embedded toy domain
+
+The scheme (`hf:`, `tfds:`, `toy:`) or else each file's suffix picks the reader: `.parquet`
+(data/tables.py), `.array_record` (data/records.py), anything else JSONL (data/jsonl.py);
+files of a spec are read in order and concatenated (ArrayRecord files only with their own
+kind). Every reader maps the published forms (verl, chat messages) onto the one row schema and
+validates the rows (data/schema.py): errors name the file, the row and the field.
 
 The toy domain (data/toy_domain.py) is a source like any other, generated in memory:
 `toy:<kind>:<count>[:<seed offset>]` with kind
@@ -20,8 +29,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-from opera_jax.data import toy_domain
 from opera_jax.config.sections import OnBadRow
+from opera_jax.data import tables, toy_domain
 from opera_jax.data.records import open_files
 
 TOY_SCHEME = "toy:"
@@ -63,15 +72,21 @@ def is_toy(spec: str) -> bool:
 
 
 def open_rows(spec: str, *, required: Sequence[str] = (), on_bad_row: OnBadRow | str = "raise",
-              seed: int = 0) -> Sequence[dict]:
+              seed: int = 0, tfds_data_dir: str | None = None) -> Sequence[dict]:
     """The rows `spec` names (see the module docstring), validated.
 
     Args:
-      spec: a toy spec, or files (comma-separated paths and/or globs).
+      spec: a toy, `hf:` or `tfds:` spec, or files (comma-separated paths and/or globs).
       required: fields each row must hold as non-empty strings.
-      on_bad_row: `raise` at the first bad row (naming file and line) or `skip` it (counted).
+      on_bad_row: `raise` at the first bad row (naming file and row) or `skip` it (counted).
       seed: the reading stage's data seed (toy rows only).
+      tfds_data_dir: where `tfds:` datasets are prepared (None: $TFDS_DATA_DIR).
     """
     if is_toy(spec):
         return toy_rows(parse_toy(spec), seed=seed)
+    if spec.startswith(tables.HF_SCHEME):
+        return tables.read_hf(spec, required=required, on_error=on_bad_row)
+    if spec.startswith(tables.TFDS_SCHEME):
+        return tables.read_tfds(spec, data_dir=tfds_data_dir, required=required,
+                                on_error=on_bad_row)
     return open_files(spec, required=required, on_error=on_bad_row)

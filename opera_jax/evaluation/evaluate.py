@@ -105,7 +105,8 @@ def evaluate_model(model, tokenizer, rows: list[dict], config, *, scorer=None):
     longest = max(len(p["prompt_ids"]) for p in prompts)
     ro = sample_rollout(sampler, prompts, n=config.n, seq_len=longest + config.max_new_tokens,
                         max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                        top_p=config.top_p, top_k=config.top_k, seed=config.seed)
+                        top_p=config.top_p, top_k=config.top_k, seed=config.seed,
+                        slots=config.sampler_slots())
     by_id = {str(r["id"]): r for r in rows}
     records = []
     for r, ids in enumerate(ro.response_ids):

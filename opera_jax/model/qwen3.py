@@ -26,8 +26,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from opera_jax.model import attention as attn_lib
+from opera_jax.model import lora as lora_lib
 from opera_jax.model.config import Qwen3Config, RopeScaling
+from opera_jax.model.lora import LoraSpec, QuantSpec, project
 from opera_jax.model.logprobs import token_logprobs
+from opera_jax.model.paged import PagedKVCache, PagedLayer
 from opera_jax.sharding import constrain
 
 
@@ -125,16 +128,23 @@ class KVCache:
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: Qwen3Config, *, dtype, param_dtype, attention_impl, rngs: nnx.Rngs):
+    def __init__(self, cfg: Qwen3Config, *, dtype, param_dtype, attention_impl, rngs: nnx.Rngs,
+                 lora: LoraSpec | None = None, quant: QuantSpec | None = None):
         d, n, k, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.dtype = dtype
         self.attention_impl = attention_impl
         self.rope_theta = cfg.rope_theta
         self.rope_scaling = cfg.rope_scaling
-        self.q_proj = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), param_dtype)
-        self.k_proj = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), param_dtype)
-        self.v_proj = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), param_dtype)
-        self.o_proj = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), param_dtype)
+        shapes = {"q_proj": ((d, n, h), ("embed", "heads", "head_dim")),
+                  "k_proj": ((d, k, h), ("embed", "kv_heads", "head_dim")),
+                  "v_proj": ((d, k, h), ("embed", "kv_heads", "head_dim")),
+                  "o_proj": ((n, h, d), ("heads", "head_dim", "embed"))}
+        w = lambda name: lora_lib.weight(rngs, name, *shapes[name], param_dtype=param_dtype,
+                                         quant=quant)
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = map(w, shapes)
+        # Adapters and quantization scales of the projections (model/lora.py), None without.
+        self.lora = lora_lib.adapters(shapes, lora, param_dtype=param_dtype, rngs=rngs)
+        self.scales = lora_lib.scales(shapes, quant)
         # Family-specific parts, None where the family has none: q/k norms (Qwen3), q/k/v
         # biases (Qwen2). Each is assigned once: NNX fixes an attribute's kind on assignment.
         norm = lambda: RMSNorm(h, cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs,
@@ -158,6 +168,9 @@ class Attention(nnx.Module):
         q = constrain(q, ("batch", "seq", "act_heads", "head_dim"))
         k = constrain(k, ("batch", "seq", "act_kv_heads", "head_dim"))
         b, t = x.shape[:2]
+        if isinstance(layer_cache, PagedLayer):  # paged KV (sampling engine): writes + attends
+            out, new_kv = layer_cache.attend(q, k, v)
+            return project("BTNH,NHD->BTD", out, self, "o_proj", dt), new_kv
         if layer_cache is None:
             slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
             keys, values, kv_seg, kv_slots, q_slots = k, v, segment_ids, slots, slots
@@ -179,15 +192,15 @@ class Attention(nnx.Module):
                                  kv_segment_ids=kv_seg, q_slots=q_slots, kv_slots=kv_slots,
                                  mask=mask, impl=self.attention_impl, layout=layout,
                                  q_offset=q_offset)  # [B, T, N, H]
-        y = jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(dt))
+        y = project("BTNH,NHD->BTD", out, self, "o_proj", dt)
         return y, new_kv
 
     def _project_qkv(self, x, positions):
         """q [B, T, N, H], k and v [B, T, K, H] from x [B, T, D]: biases, q/k norms, rotary."""
         dt = self.dtype
-        q = jnp.einsum("BTD,DNH->BTNH", x, self.q_proj[...].astype(dt))
-        k = jnp.einsum("BTD,DKH->BTKH", x, self.k_proj[...].astype(dt))
-        v = jnp.einsum("BTD,DKH->BTKH", x, self.v_proj[...].astype(dt))
+        q = project("BTD,DNH->BTNH", x, self, "q_proj", dt)
+        k = project("BTD,DKH->BTKH", x, self, "k_proj", dt)
+        v = project("BTD,DKH->BTKH", x, self, "v_proj", dt)
         if self.q_bias is not None:
             q = q + self.q_bias[...].astype(dt)
             k = k + self.k_bias[...].astype(dt)
@@ -200,28 +213,35 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: Qwen3Config, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: Qwen3Config, *, dtype, param_dtype, rngs: nnx.Rngs,
+                 lora: LoraSpec | None = None, quant: QuantSpec | None = None):
         d, f = cfg.hidden_size, cfg.intermediate_size
         self.dtype = dtype
-        self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), param_dtype)
-        self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), param_dtype)
-        self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), param_dtype)
+        shapes = {"gate_proj": ((d, f), ("embed", "mlp")), "up_proj": ((d, f), ("embed", "mlp")),
+                  "down_proj": ((f, d), ("mlp", "embed"))}
+        w = lambda name: lora_lib.weight(rngs, name, *shapes[name], param_dtype=param_dtype,
+                                         quant=quant)
+        self.gate_proj, self.up_proj, self.down_proj = map(w, shapes)
+        self.lora = lora_lib.adapters(shapes, lora, param_dtype=param_dtype, rngs=rngs)
+        self.scales = lora_lib.scales(shapes, quant)
 
     def __call__(self, x):  # [B, T, D]
         dt = self.dtype
-        gate = jnp.einsum("BTD,DF->BTF", x, self.gate_proj[...].astype(dt))
-        up = jnp.einsum("BTD,DF->BTF", x, self.up_proj[...].astype(dt))
+        gate = project("BTD,DF->BTF", x, self, "gate_proj", dt)
+        up = project("BTD,DF->BTF", x, self, "up_proj", dt)
         h = constrain(jax.nn.silu(gate) * up, ("batch", "seq", "act_mlp"))
-        return jnp.einsum("BTF,FD->BTD", h, self.down_proj[...].astype(dt))
+        return project("BTF,FD->BTD", h, self, "down_proj", dt)
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: Qwen3Config, *, dtype, param_dtype, attention_impl, rngs: nnx.Rngs):
+    def __init__(self, cfg: Qwen3Config, *, dtype, param_dtype, attention_impl, rngs: nnx.Rngs,
+                 lora: LoraSpec | None = None, quant: QuantSpec | None = None):
         kw = dict(param_dtype=param_dtype, rngs=rngs)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
-        self.self_attn = Attention(cfg, dtype=dtype, attention_impl=attention_impl, **kw)
+        self.self_attn = Attention(cfg, dtype=dtype, attention_impl=attention_impl, lora=lora,
+                                   quant=quant, **kw)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
-        self.mlp = MLP(cfg, dtype=dtype, **kw)
+        self.mlp = MLP(cfg, dtype=dtype, lora=lora, quant=quant, **kw)
 
     def __call__(self, x, *, positions, segment_ids, mask, layer_cache, layout, q_offset):
         h, new_kv = self.self_attn(self.input_layernorm(x), positions=positions,
@@ -251,10 +271,15 @@ class Qwen3(nnx.Module):
       param_dtype: storage dtype of the parameters.
       attention_impl: "xla" | "cudnn" | "splash" | None (platform default).
       remat: rematerialise each layer in the backward pass (saves activation memory).
+      lora: low-rank adapters on the projections (model/lora.py; drawn from the `lora` rng
+        stream, else `default`); None = none.
+      quant: projections stored quantized (QLoRA's frozen base; values filled by
+        `lora.quantize_params`); None = none.
     """
 
     def __init__(self, config: Qwen3Config, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                 attention_impl: str | None = None, remat: bool = False, rngs: nnx.Rngs):
+                 attention_impl: str | None = None, remat: bool = False, rngs: nnx.Rngs,
+                 lora: LoraSpec | None = None, quant: QuantSpec | None = None):
         self.config = config
         self.dtype = jnp.dtype(dtype)
         self.remat = remat
@@ -262,7 +287,7 @@ class Qwen3(nnx.Module):
         self.embed_tokens = _param(rngs, (v, d), ("vocab", "embed"), param_dtype)
         self.layers = nnx.List([
             DecoderLayer(config, dtype=self.dtype, param_dtype=param_dtype,
-                         attention_impl=attention_impl, rngs=rngs)
+                         attention_impl=attention_impl, rngs=rngs, lora=lora, quant=quant)
             for _ in range(config.num_hidden_layers)])
         self.norm = RMSNorm(d, config.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
         self.lm_head = None if config.tie_word_embeddings else _param(
@@ -286,7 +311,8 @@ class Qwen3(nnx.Module):
           segment_ids: int [B, T]; 0 = padding. Default: all ones.
           mask: optional bool [B, T, S] ANDed with the causal/segment mask (S = T without a
             cache, the cache length with one).
-          cache: a KVCache; the new keys/values are written at slots [end, end + T).
+          cache: a KVCache; the new keys/values are written at slots [end, end + T). Or a
+            paged.PagedKVCache (row b's new tokens at positions starts[b] + t, see paged.py).
           return_hidden: return final-normed hidden states [B, T, D] instead of logits.
           right_padded: the caller promises every row is one sequence (segment 1) followed by
             padding (0), starting at slot 0: fused kernels then take per-row lengths.
@@ -310,12 +336,15 @@ class Qwen3(nnx.Module):
         x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(self.dtype)  # [B, T, D]
         x = constrain(x, ("batch", "seq", "act_embed"))
 
-        if cache is not None:
+        paged = isinstance(cache, PagedKVCache)  # its own layout: model/paged.py
+        if cache is not None and not paged:
             kv_seg = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids.astype(jnp.int32),
                                                   (0, cache.end))
+        if cache is not None:
             ck, cv = list(cache.k), list(cache.v)
         for i, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else (ck[i], cv[i], kv_seg, cache.end)
+            layer_cache = None if cache is None else cache.layer(i, ck[i], cv[i]) if paged else (
+                ck[i], cv[i], kv_seg, cache.end)
             kwargs = dict(positions=positions, segment_ids=segment_ids, mask=mask,
                           layer_cache=layer_cache, layout=layout, q_offset=q_offset)
             if self.remat and cache is None:
@@ -329,6 +358,8 @@ class Qwen3(nnx.Module):
             "BTD,DV->BTV", x, self.head_weight(), preferred_element_type=jnp.float32)
         if cache is None:
             return out
+        if paged:
+            return out, cache.replace(k=tuple(ck), v=tuple(cv))
         new_cache = KVCache(k=tuple(ck), v=tuple(cv), segment_ids=kv_seg, end=cache.end + t)
         return out, new_cache
 

@@ -47,6 +47,55 @@ class MathMatch(str, enum.Enum):
 
     EXACT = "exact"          # the last balanced \\boxed{…} outside the think block (scores.py)
     PUBLISHED = "published"  # the published regex, reproduced exactly (docs/METHOD.md §2.5)
+    MATH_VERIFY = "math_verify"  # math-verify's parse + verify of the answer part (if installed)
+
+
+class Term(str, enum.Enum):
+    """A built-in reward term (reward/terms.py); `python:module:function` names a user one."""
+
+    OPERA = "opera"        # the OPERA reward (§2, with the math path of `math` rows)
+    MATH = "math"          # every row: 1 when the answer matches the reference (math_match)
+    OVERLONG = "overlong"  # DAPO's soft overlong punishment, in [−1, 0]
+    FORMAT = "format"      # 1 when the think block is opened and closed exactly once
+
+
+PYTHON_TERM = "python:"
+
+
+@dataclasses.dataclass(frozen=True)
+class TermSpec:
+    """One weighted term of `RewardConfig.terms`: "name" or "name=weight"."""
+
+    name: str                  # a `Term` value, or "python:module.path:function"
+    weight: float = 1.0
+
+    @property
+    def key(self) -> str:
+        """Its metric name, `reward/<key>`: the term, or the python function's name."""
+        return self.name.rsplit(":", 1)[1] if self.name.startswith(PYTHON_TERM) else self.name
+
+    @classmethod
+    def parse(cls, spec: str) -> "TermSpec":
+        """"opera", "format=0.2", "python:my.rewards:brevity=0.5" → TermSpec (ValueError
+        naming the entry)."""
+        name, weight = spec.strip(), 1.0
+        if "=" in name:
+            name, _, value = name.rpartition("=")
+            try:
+                weight = float(value)
+            except ValueError:
+                raise ValueError(f"reward.terms entry {spec!r}: weight {value!r} is not a "
+                                 f"number") from None
+            if not math.isfinite(weight):
+                raise ValueError(f"reward.terms entry {spec!r}: weight must be finite")
+        if name.startswith(PYTHON_TERM):
+            module, _, function = name[len(PYTHON_TERM):].rpartition(":")
+            if not module or not function.isidentifier():
+                raise ValueError(f"reward.terms entry {spec!r}: expected "
+                                 f"python:module.path:function")
+        else:
+            coerce(Term, name, f"reward.terms entry {spec!r}: the term")
+        return cls(name, weight)
 
 
 class TaskType(str, enum.Enum):
@@ -54,6 +103,11 @@ class TaskType(str, enum.Enum):
 
     WRITING = "writing"  # perplexity-dynamics reward
     MATH = "math"  # exact match of the last \\boxed{} outside the think block
+
+
+# reward/<name> metrics that are not terms (rollout/stats.py) and must not be shadowed.
+RESERVED_METRICS = frozenset({"mean", "std", "rank", "reflection", "reflection_count",
+                              "math_acc", "adv_nonzero_frac"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +133,12 @@ class RewardConfig:
         paragraph counts only if its content words (keywords set aside) overlap no earlier
         paragraph's by this Jaccard share or more — a restated paragraph earns nothing
         (docs/METHOD.md §6).
+      terms: the reward is Σ weight · term over these "name[=weight]" entries (`TermSpec`;
+        reward/terms.py): opera (default: the reward above, alone), math, overlong, format,
+        python:module:function. Each term is logged as reward/<name>.
+      overlong_cache: L_cache of the overlong term: 0 up to L_max − L_cache response tokens,
+        then linear down to −1 at L_max (the response limit); None = L_max // 5 (DAPO's
+        4,096 of 20,480).
       lp_impl: `LPImpl`: the kernel, or the naive path (checks; and on GPU while the model runs
         cached attention on XLA, see benchmarks/RESULTS.md).
       temperature: LP is computed from softmax(logits / temperature) (published 1.0).
@@ -106,6 +166,8 @@ class RewardConfig:
     scorer: Scorer = Scorer.POLICY
     math_match: MathMatch = MathMatch.EXACT
     distinct_reflections: float | None = None
+    terms: tuple[str, ...] = ("opera",)
+    overlong_cache: int | None = None
     lp_impl: LPImpl = LPImpl.KERNEL
     temperature: float = 1.0
     batch_size: int = 8
@@ -122,6 +184,7 @@ class RewardConfig:
                           ("math_match", MathMatch), ("lp_impl", LPImpl)):
             object.__setattr__(self, name, coerce(cls, getattr(self, name), f"reward.{name}"))
         object.__setattr__(self, "keywords", tuple(self.keywords))
+        object.__setattr__(self, "terms", tuple(self.terms))
         for name in ("rank_weight", "reflection_weight", "temperature"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"RewardConfig.{name} must be finite, got {getattr(self, name)}")
@@ -130,6 +193,16 @@ class RewardConfig:
         if not self.keywords or not all(isinstance(k, str) and k.strip() for k in self.keywords):
             raise ValueError(
                 f"RewardConfig.keywords must be non-empty strings, got {self.keywords}")
+        terms = [TermSpec.parse(t) for t in self.terms]
+        keys = [t.key for t in terms]
+        if not terms or len(set(keys)) != len(keys):
+            raise ValueError(f"reward.terms must name each term once, got {self.terms}")
+        if RESERVED_METRICS & set(keys):
+            raise ValueError(f"reward.terms: a python term's function may not be named "
+                             f"{sorted(RESERVED_METRICS & set(keys))[0]!r} (a reward metric)")
+        if self.overlong_cache is not None and self.overlong_cache < 1:
+            raise ValueError(f"reward.overlong_cache must be >= 1 or None, got "
+                             f"{self.overlong_cache}")
         if self.distinct_reflections is not None and not 0 < self.distinct_reflections <= 1:
             raise ValueError(f"reward.distinct_reflections must be in (0, 1] or None, got "
                              f"{self.distinct_reflections}")

@@ -37,7 +37,7 @@ from opera_jax import tokenizer as tk
 from opera_jax.enums import coerce
 from opera_jax.reward import contexts as ctx_lib
 from opera_jax.reward import scores
-from opera_jax.reward.config import LPImpl, MathMatch, RewardConfig, Scorer, TaskType
+from opera_jax.reward.config import LPImpl, RewardConfig, Scorer, TaskType
 from opera_jax.reward.kernel import reference_logprobs
 from opera_jax.reward.naive import naive_reference_logprobs
 from opera_jax.reward.segments import (content_words, decode_with_offsets, has_keyword,
@@ -62,6 +62,22 @@ class RewardResult:
 
     def __getitem__(self, key: str):
         return getattr(self, key)
+
+    def take(self, idx) -> "RewardResult":
+        """The results of responses `idx` (int indices), in that order."""
+        idx = np.asarray(idx, np.int64)
+        return dataclasses.replace(
+            self, **{f.name: getattr(self, f.name)[idx] for f in dataclasses.fields(self)
+                     if f.name != "lp_segments"},
+            lp_segments=[self.lp_segments[i] for i in idx])
+
+    @staticmethod
+    def concat(results: Sequence["RewardResult"]) -> "RewardResult":
+        """Results of several batches, one after the other."""
+        return RewardResult(
+            **{f.name: np.concatenate([getattr(r, f.name) for r in results])
+               for f in dataclasses.fields(RewardResult) if f.name != "lp_segments"},
+            lp_segments=[x for r in results for x in r.lp_segments])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,10 +243,9 @@ def _score_samples(model, samples: Sequence[_Sample], group_ids: Sequence[Hashab
         refl[writing] = scores.reflection_score(count[writing])
         reward[writing] = (np.float32(config.rank_weight) * rank[writing]
                            + np.float32(config.reflection_weight) * refl[writing])
+    check = scores.math_check(config.math_match)
     for i, s in enumerate(samples):
         if s.task is TaskType.MATH:
-            check = (scores.published_math_reward if config.math_match is MathMatch.PUBLISHED
-                     else scores.math_reward)
             reward[i] = check(s.response, s.reference)
     return RewardResult(reward=reward, rank_score=rank, reflection_score=refl,
                         reflection_count=count, lp_full=lp_full, lp_initial=lp_initial,

@@ -7,10 +7,11 @@ has no model in it, so each rule is tested by hand-computed cases.
 from __future__ import annotations
 
 import re
-from typing import Hashable, Sequence
+from typing import Callable, Hashable, Sequence
 
 import numpy as np
 
+from opera_jax.reward.config import MathMatch
 from opera_jax.reward.segments import parse_think_block
 
 _BOXED = "\\boxed{"
@@ -102,3 +103,24 @@ def math_reward(response: str, reference: str) -> float:
     """
     boxed = last_boxed(parse_think_block(response).answer)
     return float(boxed is not None and boxed.strip() == reference.strip())
+
+
+def math_verify_reward(response: str, reference: str) -> float:
+    """1.0 when math-verify (`pip install math-verify`) finds the answer part — the response
+    outside the think block, as `math_reward` — equal to the reference: both are parsed as
+    LaTeX / expressions (\\boxed{} first), so 0.5, 1/2 and \\frac{1}{2} match."""
+    try:
+        from math_verify import parse, verify
+    except ImportError:
+        raise ImportError("reward.math_match=math_verify needs the math-verify package: "
+                          "pip install -e \".[math]\"") from None
+    answer = parse_think_block(response).answer
+    if not answer.strip():
+        return 0.0
+    return float(verify(parse(reference), parse(answer)))
+
+
+def math_check(match: MathMatch) -> Callable[[str, str], float]:
+    """The (response, reference) -> 0/1 check of `reward.math_match`."""
+    return {MathMatch.EXACT: math_reward, MathMatch.PUBLISHED: published_math_reward,
+            MathMatch.MATH_VERIFY: math_verify_reward}[match]

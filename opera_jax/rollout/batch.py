@@ -39,12 +39,48 @@ class Rollout:
     group_ids: np.ndarray            # int32 [R] prompt index within the step
     finish_reason: np.ndarray        # int32 [R] sampling.FinishReason
     num_samples: int                 # n
+    rows: list[dict]                 # per row, the prompt's data row (schema-mapped, as read)
+
+    def take(self, idx) -> "Rollout":
+        """The rows `idx` (whole groups, in order), their groups renumbered 0, 1, …"""
+        idx = np.asarray(idx, np.int64)
+        pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
+        return dataclasses.replace(
+            self, tokens=self.tokens[idx], segment_ids=self.segment_ids[idx],
+            mask=self.mask[idx], old_logprobs=self.old_logprobs[idx],
+            prompts=pick(self.prompts), prompt_ids=pick(self.prompt_ids),
+            response_ids=pick(self.response_ids), reference_ids=pick(self.reference_ids),
+            task_types=pick(self.task_types),
+            group_ids=np.arange(len(idx), dtype=np.int32) // self.num_samples,
+            finish_reason=self.finish_reason[idx], rows=pick(self.rows))
+
+
+def group_rows(group_ids: np.ndarray, groups) -> np.ndarray:
+    """Row indices of `groups`, group by group in the order given."""
+    parts = [np.flatnonzero(group_ids == g) for g in groups]
+    return np.concatenate(parts) if parts else np.zeros((0,), np.int64)
+
+
+def concat(rollouts: Sequence[Rollout]) -> Rollout:
+    """Rollouts of the same step, one after the other, their groups renumbered in order."""
+    first = rollouts[0]
+    cat = lambda name: np.concatenate([getattr(r, name) for r in rollouts])  # noqa: E731
+    join = lambda name: [x for r in rollouts for x in getattr(r, name)]  # noqa: E731
+    rows = sum(len(r.response_ids) for r in rollouts)
+    return dataclasses.replace(
+        first, tokens=cat("tokens"), segment_ids=cat("segment_ids"), mask=cat("mask"),
+        old_logprobs=cat("old_logprobs"), prompts=join("prompts"), prompt_ids=join("prompt_ids"),
+        response_ids=join("response_ids"), reference_ids=join("reference_ids"),
+        task_types=join("task_types"),
+        group_ids=np.arange(rows, dtype=np.int32) // first.num_samples,
+        finish_reason=cat("finish_reason"), rows=join("rows"))
 
 
 def sample_rollout(sampler: Sampler, rows: Sequence[dict], *, n: int, seq_len: int,
                    max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
                    top_k: int | None = None, seed: int = 0,
-                   prompts_per_call: int | None = None) -> Rollout:
+                   prompts_per_call: int | None = None,
+                   slots: int | str | None = None) -> Rollout:
     """Samples n responses per prompt row and lays them out as a training batch.
 
     Args:
@@ -54,7 +90,9 @@ def sample_rollout(sampler: Sampler, rows: Sequence[dict], *, n: int, seq_len: i
       seq_len: T >= longest prompt + max_new_tokens.
       seed: the step's sampling seed (call k of a chunked rollout uses seed + k).
       prompts_per_call: sample this many prompts per sampler call (bounds the KV cache:
-        prompts_per_call · n rows); None = all in one call.
+        prompts_per_call · n rows); None = all in one call. Ignored with `slots`.
+      slots: run the continuous-batching engine with this many slots ("auto": chosen from the
+        model and memory), all prompts in one call; None = the fixed-batch sampler.
     Returns:
       `Rollout`.
     """
@@ -63,10 +101,10 @@ def sample_rollout(sampler: Sampler, rows: Sequence[dict], *, n: int, seq_len: i
     if longest + max_new_tokens > seq_len:
         raise ValueError(f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds "
                          f"seq_len {seq_len}")
-    per_call = prompts_per_call or len(prompts)
+    per_call = len(prompts) if slots is not None else (prompts_per_call or len(prompts))
     outs = [sampler.sample([p.tolist() for p in prompts[i:i + per_call]],
                            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                           top_k=top_k or 0, n=n, seed=seed + k)
+                           top_k=top_k or 0, n=n, seed=seed + k, slots=slots)
             for k, i in enumerate(range(0, len(prompts), per_call))]
     count = len(prompts) * n
     tokens = np.full((count, seq_len), sampler.pad_id, np.int32)
@@ -92,4 +130,5 @@ def sample_rollout(sampler: Sampler, rows: Sequence[dict], *, n: int, seq_len: i
                    reference_ids=[rows[r // n]["reference_ids"] for r in range(count)],
                    task_types=[rows[r // n]["task_type"] for r in range(count)],
                    group_ids=np.arange(count, dtype=np.int32) // n,
-                   finish_reason=np.asarray(finish, np.int32), num_samples=n)
+                   finish_reason=np.asarray(finish, np.int32), num_samples=n,
+                   rows=[rows[r // n].get("row", {}) for r in range(count)])

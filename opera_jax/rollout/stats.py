@@ -43,18 +43,21 @@ def response_stats(ro: Rollout, tokenizer, *, think_close_id: int | None,
             **diagnostics.mean_quality(quality, prefix)}
 
 
-def reward_metrics(result, ro: Rollout, prefix: str) -> dict[str, float]:
-    """Mean / std of the reward, the sub-scores (means over writing rows) and the accuracy of
-    math rows (present only when the batch has rows of that kind)."""
+def reward_metrics(scored, ro: Rollout, prefix: str) -> dict[str, float]:
+    """Mean / std of the reward, the mean of each term (`reward.terms.Scored`), and, with the
+    opera term, its sub-scores (means over writing rows) and the accuracy of math rows
+    (present only when the batch has rows of that kind)."""
     writing = np.asarray([t == TaskType.WRITING.value for t in ro.task_types])
-    out = {f"{prefix}mean": float(result.reward.mean()),
-           f"{prefix}std": float(result.reward.std())}
-    if writing.any():
-        out.update({f"{prefix}rank": float(result.rank_score[writing].mean()),
-                    f"{prefix}reflection": float(result.reflection_score[writing].mean()),
-                    f"{prefix}reflection_count": float(result.reflection_count[writing].mean())})
-    if not writing.all():
-        out[f"{prefix}math_acc"] = float(result.reward[~writing].mean())
+    out = {f"{prefix}mean": float(scored.reward.mean()),
+           f"{prefix}std": float(scored.reward.std())}
+    out.update({f"{prefix}{k}": float(v.mean()) for k, v in scored.terms.items()})
+    opera = scored.opera
+    if opera is not None and writing.any():
+        out.update({f"{prefix}rank": float(opera.rank_score[writing].mean()),
+                    f"{prefix}reflection": float(opera.reflection_score[writing].mean()),
+                    f"{prefix}reflection_count": float(opera.reflection_count[writing].mean())})
+    if opera is not None and not writing.all():
+        out[f"{prefix}math_acc"] = float(opera.reward[~writing].mean())
     return out
 
 

@@ -15,10 +15,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
+import numpy as np
+
+from opera_jax.model.paged import bytes_per_token
 from opera_jax.sampling import stops
 from opera_jax.sampling.loop import FinishReason
-from opera_jax.sampling.sampler import Sampler, Samples
-from opera_jax.tokenizer import default_eos_ids, encode
+from opera_jax.sampling.sampler import Sampler, Samples, _per_row, default_kv_memory
+from opera_jax.tokenizer import encode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +78,7 @@ def completions(samples: Samples, table: stops.TokenTable, stop: Sequence[str],
 def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens, temperature=1.0,
              top_p=1.0, top_k=0, n: int = 1, stop: Sequence[str] = (), seed: int = 0,
              eos_ids: Sequence[int] | None = None, mesh=None,
-             prompt_logprobs: bool = False) -> list[Completion]:
+             prompt_logprobs: bool = False, slots: int | str | None = None) -> list[Completion]:
     """Samples n continuations of each prompt string.
 
     Args:
@@ -87,14 +90,22 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens, temper
       seed: fixes the samples. eos_ids: default `default_eos_ids(tokenizer)`.
       mesh: optional (data, fsdp, tensor) mesh.
       prompt_logprobs: also score the prompt tokens (perplexity over prompt + output).
+      slots: None = one fixed batch; S or "auto" = the continuous-batching engine with at
+        most S rows decoding at once (`Sampler.sample`).
     Returns:
       len(prompts) · n Completions, prompt-major (prompt i's samples are [i·n, (i+1)·n)).
     """
     stop = tuple(stop)
-    sampler = Sampler.for_tokenizer(model, tokenizer, mesh=mesh, eos_ids=eos_ids)
-    eos_ids = sampler.eos_ids
     ids = [encode(tokenizer, p) for p in prompts]
+    kv_memory = None
+    if slots is not None:  # a pool for this call alone: no larger than all of its rows
+        max_new = _per_row(max_new_tokens, len(ids), n, np.int64)
+        tokens = sum(map(len, ids)) + int(max_new.sum()) + 16 * (len(max_new) + len(ids) + 1)
+        kv_memory = min(default_kv_memory(), tokens * bytes_per_token(model.config, model.dtype))
+    sampler = Sampler.for_tokenizer(model, tokenizer, mesh=mesh, eos_ids=eos_ids,
+                                    kv_memory=kv_memory)
+    eos_ids = sampler.eos_ids
     samples = sampler.sample(ids, max_new_tokens=max_new_tokens, temperature=temperature,
                              top_p=top_p, top_k=top_k, n=n, stop=stop, seed=seed,
-                             prompt_logprobs=prompt_logprobs)
+                             prompt_logprobs=prompt_logprobs, slots=slots)
     return completions(samples, sampler.table, stop, eos_ids)

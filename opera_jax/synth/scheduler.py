@@ -129,7 +129,7 @@ class Scheduler:
             temperature=s.temperature, top_p=s.top_p, top_k=s.top_k or 0, n=n, stop=stop,
             seed=s.seed, prompt_logprobs=scored,
             row_seeds=[requests[i].seeds[j] for i, rows in entries for j in rows],
-            compact=self.batching.compact)
+            compact=self.batching.compact, slots=self.batching.sampler_slots())
         outs = completions(samples, self.sampler.table, stop, self.sampler.eos_ids)
         for e, (i, rows) in enumerate(entries):
             for k, j in enumerate(rows):

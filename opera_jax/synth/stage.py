@@ -63,7 +63,7 @@ def read_prompts(run: SynthRun, tokenizer) -> tuple[list[dict], int, int]:
     """(prompt rows to synthesise, rows skipped as bad or duplicate, rows skipped as longer
     than `synth.max_prompt_len`)."""
     rows = open_rows(run.data.path, required=PROMPT_FIELDS, on_bad_row=run.data.on_bad_row,
-                     seed=run.data.seed)
+                     seed=run.data.seed, tfds_data_dir=run.data.tfds_data_dir)
     unique, seen, long = [], set(), 0
     for row in rows:
         row = {k: v for k, v in row.items() if k != "_source"}

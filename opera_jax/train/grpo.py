@@ -6,20 +6,27 @@
 One RL step, in the loop's three labelled sections:
   rollout  `rollout.n` responses to each of `rollout.num_prompts` prompts, sampled from the
            training weights themselves (the sampler is handed the state's arrays; no copy).
-  reward   `reward.score_token_ids` on the sampled ids: scored by the policy that sampled them
-           (published) or, with `reward.scorer: reference`, by the frozen reference; `math`
-           rows get the verifiable reward. Then per-group advantages (grpo_loss).
+  reward   the weighted terms of `reward.terms` (reward/terms.py; by default the OPERA reward
+           alone): `reward.score_token_ids` on the sampled ids, scored by the policy that
+           sampled them (published) or, with `reward.scorer: reference`, by the frozen
+           reference; `math` rows get the verifiable reward. With `grpo.dynamic_sampling`
+           (DAPO) groups of equal rewards are dropped and refilled from further prompts
+           (`collect_batch`). Then per-group advantages (grpo_loss).
   update   old and reference log-probs, then `grpo.num_minibatches` optimizer steps (1 PPO
            epoch) over strided mini-batches of the R = prompts · n rows, each the sum of
            `grpo.grad_accum` micro-batch gradients weighted so that the mini-batch loss is
            exactly `grpo_loss` over the whole mini-batch (token-mean by default).
 
-Old log-probs (`rollout.old_logprobs`): the sampler returns, for every sampled token, the
+Sampling (`rollout.engine`, default on): the continuous-batching engine over a paged KV cache
+(sampling/engine.py), each prompt prefilled once for its n rows; `rollout.engine=False` runs
+the fixed-batch sampler. Both draw row r's tokens from the same random stream, so they give
+the same responses up to float rounding of the logits.
+Old log-probs (`grpo.old_logprobs`): the sampler returns, for every sampled token, the
 float32 log-prob at temperature 1 before top-k / top-p, i.e. the quantity the loss
 differentiates, at any sampling temperature. Taking it saves a forward pass over the batch
 (a third of what the update's forward + backward costs), and it is exact up to rounding when
-the sampler computes like the update: in float32 (tiny model: |Δ| ≤ 2e-5 per token, tests/test_grpo_rollout.py), where
-`auto` takes it and the first mini-batch of the single PPO epoch is on-policy (ratio 1). In
+the sampler computes like the update: in float32 (tiny model: |Δ| ≤ 2e-5 per token,
+tests/test_grpo_rollout.py), where `auto` takes it and the first mini-batch of the single PPO epoch is on-policy (ratio 1). In
 bf16 compute the one-token-at-a-time decode against a bf16 KV cache rounds differently from the
 training forward, more so for long sequences and real models, and a spurious ratio ≠ 1 would
 clip tokens of an on-policy batch; `auto` therefore recomputes them with the training forward
@@ -28,11 +35,13 @@ clip tokens of an on-policy batch; `auto` therefore recomputes them with the tra
 `sampler` / `recompute` force either.
 Remat: `model.remat` rematerialises each layer in the update's backward pass.
 
-Learning rate: `optim.warmup_frac` of the RL steps warm up linearly, then `optim.schedule`;
-the schedule advances per optimizer update (num_minibatches per RL step).
+Learning rate: `grpo.optim.warmup_frac` of the optimizer updates warm up linearly from 0, then
+`grpo.optim.schedule`; the schedule advances per update (num_minibatches per RL step).
 Reference model (KL term; the scorer with `reward.scorer: reference`): loaded from its own
 source — `reference.checkpoint` (Orbax params), `reference.hf_dir`, or else the policy's initial
-source — in the compute dtype, never stored in the run's checkpoints.
+source — in the compute dtype, never stored in the run's checkpoints. With LoRA (`lora.rank`)
+the state's params are the adapters over a frozen base, and the reference is that base
+itself, without adapters: no second copy.
 Checkpoints hold params, optimizer state, step, RNG, the prompt iterator's position and the
 config; rerunning the same command resumes; SIGTERM saves after the current step and raises
 `checkpoint.Preempted` (the command line exits with `PREEMPTED_EXIT`).
@@ -67,13 +76,16 @@ from opera_jax import sharding as sh
 from opera_jax.checkpoint import Checkpointer, Preempted, catch_sigterm
 from opera_jax.config import build
 from opera_jax.config.runs import GRPORun, to_json
-from opera_jax.config.sections import Loss, OldLogprobs, Optim
+from opera_jax.config.sections import Loss, OldLogprobs, Optim, Reference
 from opera_jax.data.pipeline import PROMPT_FIELDS, TokenizePrompt, prompt_batches
 from opera_jax.data.sources import open_rows
 from opera_jax.locks import WorkdirLock
-from opera_jax.reward import RewardConfig, Scorer, score_token_ids
+from opera_jax.model import lora as lora_lib
+from opera_jax.reward import RewardConfig, Scorer
+from opera_jax.reward.terms import Scored, Terms
 from opera_jax.rollout import stats as rollout_stats
-from opera_jax.rollout.batch import sample_rollout
+from opera_jax.rollout.batch import Rollout, sample_rollout
+from opera_jax.rollout.dynamic_sampling import collect_batch
 from opera_jax.sampling import Sampler
 from opera_jax.tokenizer import special_token_ids
 from opera_jax.train import plots
@@ -96,10 +108,11 @@ def _split(x, parts: int):
 
 def make_update_step(graphdef, tx, schedule, *, num_minibatches: int, grad_accum: int,
                      chunk_size: int, loss_config: Loss):
-    """The pure GRPO update: `update(state, batch) -> (state, metrics)`.
+    """The pure GRPO update: `update(state, batch, frozen) -> (state, metrics)`.
 
     Args:
-      graphdef: the Qwen3 graph (static); params come from the state.
+      graphdef: the Qwen3 graph (static); params come from the state (LoRA: the adapters,
+        over the frozen base `frozen`; else `frozen` is None).
       tx / schedule: from `state.make_optimizer` (counting optimizer updates).
       num_minibatches: M optimizer updates per call; grad_accum: A micro-batches each.
       chunk_size: log-prob chunk.
@@ -110,8 +123,8 @@ def make_update_step(graphdef, tx, schedule, *, num_minibatches: int, grad_accum
       Metrics are float32 scalars over the whole RL step: the loss terms token-weighted over
       its micro-batches, grad_norm the mean pre-clipping norm of its updates, lr the first's.
     """
-    def micro_loss(params, mb, weight):
-        model = nnx.merge(graphdef, params)
+    def micro_loss(params, mb, weight, frozen):
+        model = nnx.merge(graphdef, lora_lib.combine(frozen, params))
         hidden = model(mb["tokens"], return_hidden=True)  # causal; see make_logprob_fn
         logp, entropy = model.logprobs(hidden, jnp.roll(mb["tokens"], -1, axis=1),
                                        chunk_size=chunk_size, return_entropy=True)
@@ -125,7 +138,7 @@ def make_update_step(graphdef, tx, schedule, *, num_minibatches: int, grad_accum
 
     grad_fn = jax.grad(micro_loss, has_aux=True)
 
-    def minibatch(state: state_lib.TrainState, mb):  # leaves [A, b, ...]
+    def minibatch(state: state_lib.TrainState, mb, frozen):  # leaves [A, b, ...]
         # Weight of each micro-batch in the mini-batch's aggregate: its share of the tokens
         # (token-mean) or of the non-empty sequences (seq-mean); float32 sums.
         if loss_config.aggregation == "token_mean":  # an Aggregation (a str enum)
@@ -136,7 +149,7 @@ def make_update_step(graphdef, tx, schedule, *, num_minibatches: int, grad_accum
 
         def micro(grads, xs):
             x, w = xs
-            g, (metrics, n) = grad_fn(state.params, x, w)
+            g, (metrics, n) = grad_fn(state.params, x, w, frozen)
             return jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g), (metrics, n)
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
@@ -146,12 +159,13 @@ def make_update_step(graphdef, tx, schedule, *, num_minibatches: int, grad_accum
                             opt_state=opt_state)
         return new, (metrics, counts, optax.tree.norm(grads), schedule(state.step))
 
-    def update(state: state_lib.TrainState, batch: dict):
+    def update(state: state_lib.TrainState, batch: dict, frozen: dict | None = None):
         TRACE_COUNT["update"] += 1
         split = jax.tree.map(
             lambda x: _split(x, num_minibatches * grad_accum).reshape(
                 num_minibatches, grad_accum, -1, *x.shape[1:]), batch)
-        state, (metrics, counts, grad_norm, lr) = jax.lax.scan(minibatch, state, split)
+        state, (metrics, counts, grad_norm, lr) = jax.lax.scan(
+            lambda s, mb: minibatch(s, mb, frozen), state, split)
         total = jnp.sum(counts)  # [M, A] -> response tokens of the RL step
         out = {k: jnp.sum(v * counts) / jnp.maximum(total, 1.0) for k, v in metrics.items()}
         out.update(grad_norm=jnp.mean(grad_norm), lr=lr[0], loss_tokens=total)
@@ -210,6 +224,17 @@ def check_config(run: GRPORun, mesh) -> None:
         raise ValueError(f"{rows} responses per step (rollout.num_prompts x rollout.n) must "
                          f"split into grpo.num_minibatches x grpo.grad_accum = {parts} micro-"
                          f"batches whose size is a multiple of the data x fsdp mesh size {shards}")
+    if run.grpo.dynamic_sampling and (run.rollout.n < 2 or run.grpo.max_sampling_rounds < 1):
+        raise ValueError(f"grpo.dynamic_sampling needs rollout.n >= 2 (a group of one has no "
+                         f"spread) and grpo.max_sampling_rounds >= 1; got {run.rollout.n}, "
+                         f"{run.grpo.max_sampling_rounds}")
+
+
+def loss_config(run: GRPORun) -> Loss:
+    """The `loss` section with token_sum_norm's constant resolved (the response limit)."""
+    if run.loss.norm_constant is None:
+        return dataclasses.replace(run.loss, norm_constant=run.rollout.max_new_tokens)
+    return run.loss
 
 
 def reward_config(run: GRPORun, group_size: int) -> RewardConfig:
@@ -244,10 +269,11 @@ def load_reference(run: GRPORun, mesh):
     return graphdef, cast(params)
 
 
-def step_seed(rng_data: np.ndarray, step: int) -> int:
-    """The sampling seed of RL step `step`, from the state's (checkpointed) RNG."""
-    return int(np.random.SeedSequence([*map(int, rng_data.ravel()), step]).generate_state(1)[0]
-               & 0x7FFFFFFF)
+def step_seed(rng_data: np.ndarray, step: int, sampling_round: int = 0) -> int:
+    """The sampling seed of RL step `step` (and of its extra rollouts under dynamic sampling),
+    from the state's (checkpointed) RNG."""
+    entropy = [*map(int, rng_data.ravel()), step] + ([sampling_round] if sampling_round else [])
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0] & 0x7FFFFFFF)
 
 
 def training_rewards(rewards: np.ndarray, *, randomize: bool, seed: int) -> np.ndarray:
@@ -264,6 +290,15 @@ def _upload(x: np.ndarray, mesh, names):
     return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
 
+def score_rollout(terms: Terms, policy, reference, tokenizer, ro: Rollout, *,
+                  max_len: int) -> Scored:
+    """The reward terms of a rollout's responses (reward/terms.py)."""
+    return terms.score(policy, tokenizer, prompt_ids=ro.prompt_ids, response_ids=ro.response_ids,
+                       reference_ids=ro.reference_ids, group_ids=ro.group_ids,
+                       task_types=ro.task_types, rows=ro.rows, max_len=max_len,
+                       reference_model=reference)
+
+
 def validate(sampler, policy, reference, tokenizer, rows: list[dict], run: GRPORun, *,
              seq_len: int, stats: dict) -> dict[str, float]:
     """Reward of `validation.n` rollouts per held-out prompt (greedy when
@@ -272,18 +307,18 @@ def validate(sampler, policy, reference, tokenizer, rows: list[dict], run: GRPOR
     v, r = run.validation, run.rollout
     ro = sample_rollout(sampler, rows, n=v.n, seq_len=seq_len, max_new_tokens=r.max_new_tokens,
                         temperature=v.temperature, top_p=r.top_p, top_k=r.top_k, seed=run.seed,
-                        prompts_per_call=r.prompts_per_call or r.num_prompts)
-    result = score_token_ids(policy, tokenizer, ro.prompt_ids, ro.response_ids, ro.reference_ids,
-                             ro.group_ids, ro.task_types, config=reward_config(run, v.n),
-                             reference_model=reference)
-    return {**rollout_stats.reward_metrics(result, ro, "val_reward/"),
+                        prompts_per_call=r.prompts_per_call or r.num_prompts,
+                        slots=r.sampler_slots())
+    scored = score_rollout(Terms(reward_config(run, v.n)), policy, reference, tokenizer, ro,
+                           max_len=r.max_new_tokens)
+    return {**rollout_stats.reward_metrics(scored, ro, "val_reward/"),
             **rollout_stats.response_stats(ro, tokenizer, prefix="val_response/", **stats)}
 
 
 def _prompt_rows(spec: str, run: GRPORun, tokenizer) -> list[dict]:
     """Tokenised prompt rows of a (small) source, dropping over-long ones; none is an error."""
     rows = open_rows(spec, required=PROMPT_FIELDS, on_bad_row=run.data.on_bad_row,
-                     seed=run.data.seed)
+                     seed=run.data.seed, tfds_data_dir=run.data.tfds_data_dir)
     tokenize = TokenizePrompt(tokenizer, max_prompt_len=run.rollout.max_prompt_len,
                               enable_thinking=run.data.enable_thinking,
                               special_tokens_in_text=run.data.special_tokens_in_text)
@@ -319,6 +354,7 @@ def _train(run: GRPORun, stop_after: int | None):
     n, minibatches = run.rollout.n, run.grpo.num_minibatches
     seq_len = run.rollout.max_prompt_len + run.rollout.max_new_tokens
     scoring = reward_config(run, n)
+    terms = Terms(scoring)  # user reward functions are imported here, before any work
     old_mode = run.grpo.old_logprobs
     if old_mode is OldLogprobs.AUTO:  # see the module docstring
         old_mode = (OldLogprobs.SAMPLER if jnp.dtype(run.model.dtype.value) == jnp.float32
@@ -330,7 +366,7 @@ def _train(run: GRPORun, stop_after: int | None):
 
     # ---- data ----
     records = open_rows(run.data.path, required=PROMPT_FIELDS, on_bad_row=run.data.on_bad_row,
-                        seed=run.data.seed)
+                        seed=run.data.seed, tfds_data_dir=run.data.tfds_data_dir)
     tokenizer = build.load_model_tokenizer(run.model)
     special = special_token_ids(tokenizer)
     data_iter = iter(prompt_batches(
@@ -344,16 +380,22 @@ def _train(run: GRPORun, stop_after: int | None):
              len(val_rows))
 
     # ---- model / optimizer / reference ----
-    graphdef, params_abstract = build.abstract_params(run.model, mesh)
+    # Every weight trains, or LoRA adapters over the frozen base `trained.frozen`.
+    trained = build.policy(run.model, run.lora, mesh, seed=run.seed)
+    graphdef, frozen = trained.graphdef, trained.frozen
     tx, update = cached_update(graphdef, run.grpo.optim, total * minibatches, minibatches,
-                               run.grpo.grad_accum, run.grpo.chunk_size, run.loss, mesh)
+                               run.grpo.grad_accum, run.grpo.chunk_size, loss_config(run), mesh)
     micro = minibatches * run.grpo.grad_accum
     policy_logprobs = cached_logprobs(graphdef, micro, run.grpo.chunk_size, mesh)
-    abstract = state_lib.abstract_state(params_abstract, tx, mesh)
+    abstract = state_lib.abstract_state(trained.abstract, tx, mesh)
     state_sharding = state_lib.shardings_of(abstract)
+    frozen_sharding = jax.tree.map(lambda x: x.sharding, frozen)
     reference = ref_params = ref_logprobs = None
-    if run.loss.kl_coef > 0 or scoring.scorer is Scorer.REFERENCE:
-        ref_graphdef, ref_params = load_reference(run, mesh)
+    if run.loss.kl_coef > 0 or (terms.has_opera and scoring.scorer is Scorer.REFERENCE):
+        if frozen is not None and run.reference == Reference():  # LoRA: the base itself
+            ref_graphdef, ref_params = trained.base_graphdef, frozen
+        else:
+            ref_graphdef, ref_params = load_reference(run, mesh)
         reference = nnx.merge(ref_graphdef, ref_params)
         ref_logprobs = cached_logprobs(ref_graphdef, micro, run.grpo.chunk_size, mesh)
 
@@ -362,25 +404,24 @@ def _train(run: GRPORun, stop_after: int | None):
     # allocating; (2) the newest readable checkpoint's arrays load straight into those shards
     # (an unreadable one is set aside, the next older tried); (3) the prompt iterator is
     # repositioned to the saved batch; (4) the saved config is only compared. Without a
-    # checkpoint: params from the model section, fresh optimizer. The reference was loaded
-    # above from its own source either way.
+    # checkpoint: params from the model section (or fresh adapters), fresh optimizer. The
+    # reference and LoRA's frozen base were loaded above from their own sources either way.
     saved_config = to_json(run)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=run.checkpoint.keep,
                         async_save=run.checkpoint.async_save)
 
     def fresh():
-        params = build.load_params(run.model, mesh)
-        return state_lib.init_state(params, tx, abstract, seed=run.seed)
+        return state_lib.init_state(trained.init(), tx, abstract, seed=run.seed)
 
     state, start = ckpt.restore_or_init(abstract, fresh, data_iter=data_iter,
                                         config=saved_config)
     rng_data = np.asarray(sh.to_host(state.rng))
 
     # ---- loop ----
-    update_fn = jax.jit(update, in_shardings=(state_sharding, None),
+    update_fn = jax.jit(update, in_shardings=(state_sharding, None, frozen_sharding),
                         out_shardings=(state_sharding, None), donate_argnums=0)
     # Rollout reads the training arrays: set_params re-wraps them each step, no copy.
-    sampler = Sampler.for_tokenizer(nnx.merge(graphdef, state.params), tokenizer, mesh=mesh,
+    sampler = Sampler.for_tokenizer(trained.model(state.params), tokenizer, mesh=mesh,
                                     stop_strings=False)
     stats = dict(think_close_id=special["think_close"], keywords=scoring.keywords)
     arch = build.architecture(run.model)
@@ -388,15 +429,17 @@ def _train(run: GRPORun, stop_after: int | None):
     passes = int(old_mode is OldLogprobs.RECOMPUTE) + int(run.loss.kl_coef > 0)
     r = run.rollout
     sample_kwargs = dict(max_new_tokens=r.max_new_tokens, temperature=r.temperature,
-                         top_p=r.top_p, top_k=r.top_k, prompts_per_call=r.prompts_per_call)
-    writer = MetricsWriter(workdir, total_steps=total, initial_step=start)
+                         top_p=r.top_p, top_k=r.top_k, prompts_per_call=r.prompts_per_call,
+                         slots=r.sampler_slots())
+    writer = MetricsWriter(workdir, total_steps=total, initial_step=start, log=run.log,
+                           config=saved_config)
     log_due = Every(run.grpo.log_every, last_step=last)
     ckpt_due = Every(run.checkpoint.every, last_step=last)
     val_due = Every(run.validation.every, last_step=last if val_rows else None)
     preempted = False
 
     def run_validation():
-        sampler.set_params(nnx.state(policy := nnx.merge(graphdef, state.params)))
+        sampler.set_params(nnx.state(policy := trained.model(state.params)))
         return validate(sampler, policy, reference, tokenizer, val_rows, run, seq_len=seq_len,
                         stats=stats)
 
@@ -406,20 +449,31 @@ def _train(run: GRPORun, stop_after: int | None):
                 writer.write(0, run_validation())
             for step in range(start + 1, last + 1):
                 with jax.profiler.StepTraceAnnotation("grpo", step_num=step):
-                    rows = next(data_iter)
-                    # ---- rollout ----
-                    t0 = time.perf_counter()
-                    sampler.set_params(nnx.state(policy := nnx.merge(graphdef, state.params)))
-                    ro = sample_rollout(sampler, rows, n=n, seq_len=seq_len,
-                                        seed=step_seed(rng_data, step), **sample_kwargs)
-                    # ---- reward ----
-                    t1 = time.perf_counter()
-                    result = score_token_ids(policy, tokenizer, ro.prompt_ids, ro.response_ids,
-                                             ro.reference_ids, ro.group_ids, ro.task_types,
-                                             config=scoring, reference_model=reference)
+                    sampler.set_params(nnx.state(policy := trained.model(state.params)))
+                    seconds = {"rollout": 0.0, "reward": 0.0}
+
+                    def sample_and_score(rows, sampling_round):
+                        # ---- rollout ----
+                        t0 = time.perf_counter()
+                        ro = sample_rollout(sampler, rows, n=n, seq_len=seq_len,
+                                            seed=step_seed(rng_data, step, sampling_round),
+                                            **sample_kwargs)
+                        # ---- reward ----
+                        t1 = time.perf_counter()
+                        scored = score_rollout(terms, policy, reference, tokenizer, ro,
+                                               max_len=r.max_new_tokens)
+                        seconds["rollout"] += t1 - t0
+                        seconds["reward"] += time.perf_counter() - t1
+                        return ro, scored
+
+                    ro, scored, sampling = collect_batch(
+                        sample_and_score, data_iter, num_prompts=r.num_prompts,
+                        dynamic=run.grpo.dynamic_sampling,
+                        max_rounds=run.grpo.max_sampling_rounds)
                     advantages = group_advantages(
-                        training_rewards(result.reward, randomize=run.grpo.random_rewards,
-                                         seed=step_seed(rng_data, step) + 1), ro.group_ids)
+                        training_rewards(scored.reward, randomize=run.grpo.random_rewards,
+                                         seed=step_seed(rng_data, step) + 1), ro.group_ids,
+                        std_normalize=run.loss.std_normalize)
                     # ---- update ----
                     t2 = time.perf_counter()
                     host = {"tokens": ro.tokens, "mask": ro.mask}
@@ -428,19 +482,21 @@ def _train(run: GRPORun, stop_after: int | None):
                     batch = {k: _upload(v, mesh, ("batch", "seq")) for k, v in host.items()}
                     batch["advantages"] = _upload(advantages, mesh, ("batch",))
                     if old_mode is OldLogprobs.RECOMPUTE:
-                        batch["old_logprobs"] = policy_logprobs(state.params, batch["tokens"])
+                        batch["old_logprobs"] = policy_logprobs(trained.params(state.params),
+                                                                batch["tokens"])
                     if run.loss.kl_coef > 0:
                         batch["ref_logprobs"] = ref_logprobs(ref_params, batch["tokens"])
                     jax.block_until_ready(batch)  # only to time the log-prob passes
                     t3 = time.perf_counter()
-                    state, metrics = update_fn(state, batch)
+                    state, metrics = update_fn(state, batch, frozen)
                     metrics = sh.to_host(metrics)  # the step's one sync; NaN checked below
                     t4 = time.perf_counter()
-                metrics.update(rollout_stats.reward_metrics(result, ro, "reward/"),
-                               **rollout_stats.response_stats(ro, tokenizer, **stats))
+                metrics.update(rollout_stats.reward_metrics(scored, ro, "reward/"),
+                               **rollout_stats.response_stats(ro, tokenizer, **stats),
+                               **sampling)
                 metrics.update(rollout_stats.step_timing(
-                    ro, rollout_s=t1 - t0, reward_s=t2 - t1, logprob_s=t3 - t2,
-                    update_s=t4 - t2, arch=arch, peak=peak, passes=passes))
+                    ro, rollout_s=seconds["rollout"], reward_s=seconds["reward"],
+                    logprob_s=t3 - t2, update_s=t4 - t2, arch=arch, peak=peak, passes=passes))
                 metrics["reward/adv_nonzero_frac"] = float(np.mean(advantages != 0))
                 if val_due(step):
                     metrics.update(run_validation())

@@ -1,5 +1,9 @@
 """Training metrics: a flat dict of float scalars per logged step, written by process 0 to the
-console (a tqdm progress bar plus one line per log step), `metrics.jsonl` and TensorBoard.
+console (a tqdm progress bar plus one line per log step), `metrics.jsonl`, TensorBoard and,
+when `log.wandb_project` is set, Weights & Biases (an optional extra: `pip install -e
+".[wandb]"`). W&B follows its environment: WANDB_MODE=offline writes the run under
+`workdir/wandb/` (`wandb sync` uploads it later). The W&B run id is kept in `workdir/wandb_id`,
+so a resumed run continues the same W&B run (W&B ignores steps it already holds).
 
 Every process checks the values: a NaN or Inf stops training with a `FloatingPointError` that
 names the step and the metric, before anything is checkpointed.
@@ -17,13 +21,17 @@ import logging
 import math
 import os
 import time
+import uuid
 from typing import Mapping
 
 import jax
 import tqdm
 
+from opera_jax.config.sections import Log
+
 log = logging.getLogger(__name__)
 FILENAME = "metrics.jsonl"
+WANDB_ID_FILE = "wandb_id"
 
 
 def check_finite(step: int, metrics: Mapping[str, float]) -> None:
@@ -60,12 +68,15 @@ class MetricsWriter:
       initial_step: the step training resumes from (the bar starts there).
       enabled: whether this process writes; default `jax.process_index() == 0`.
       console: show the progress bar and metric lines.
+      log: the `log` section (W&B); None = no W&B.
+      config: the run's config (JSON-safe dict), recorded with the W&B run.
     """
 
     def __init__(self, workdir: str, *, total_steps: int, initial_step: int = 0,
-                 enabled: bool | None = None, console: bool = True):
+                 enabled: bool | None = None, console: bool = True, log: Log | None = None,
+                 config: dict | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
-        self._jsonl = self._tb = self._bar = None
+        self._jsonl = self._tb = self._bar = self._wandb = None
         if not self.enabled:
             return
         os.makedirs(workdir, exist_ok=True)
@@ -76,6 +87,8 @@ class MetricsWriter:
         import tensorboardX  # only process 0 needs it
 
         self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tb"))
+        if log is not None and log.wandb_project is not None:
+            self._wandb = _wandb_run(workdir, log, config)
         if console:
             self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, unit="step",
                                   dynamic_ncols=True)
@@ -99,6 +112,8 @@ class MetricsWriter:
         for k, v in metrics.items():
             self._tb.add_scalar(k, v, step)
         self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=step)
         if self._bar is not None:
             short = {k: f"{v:.4g}" for k, v in metrics.items()}
             self._bar.set_postfix({k: short[k] for k in ("loss", "tokens_per_s") if k in short},
@@ -111,7 +126,29 @@ class MetricsWriter:
                 f.close()
         if self._jsonl is not None:
             os.close(self._jsonl)
-        self._bar = self._jsonl = self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+        self._bar = self._jsonl = self._tb = self._wandb = None
+
+
+def _wandb_run(workdir: str, section: Log, config: dict | None):
+    """A W&B run for `workdir`: the id saved there (a resumed run continues it) or a new one."""
+    try:
+        import wandb  # an optional extra, imported only when asked for
+    except ImportError:
+        raise ImportError("log.wandb_project is set but wandb is not installed: "
+                          "pip install -e \".[wandb]\"") from None
+    path = os.path.join(workdir, WANDB_ID_FILE)
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            run_id = f.read().strip()
+    else:
+        run_id = uuid.uuid4().hex[:8]  # W&B's form: 8 lowercase letters and digits
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(run_id + "\n")
+    return wandb.init(project=section.wandb_project, entity=section.wandb_entity,
+                      name=section.wandb_name, group=section.wandb_group, id=run_id,
+                      resume="allow", dir=workdir, config=config)
 
 
 def _rows(path: str) -> list[dict]:

@@ -13,6 +13,8 @@ accumulation is a scan over micro-batches whose summed NLL gradient is divided o
 global batch's response-token count, so accumulating does not change the loss being optimised.
 Rerunning the same command resumes from the newest readable checkpoint, including the data
 position; SIGTERM saves after the current step and raises `checkpoint.Preempted`.
+LoRA (`lora.rank`): the state's params are the adapters, the step reads the frozen base as a
+separate argument (config/build.py `policy`); checkpoints hold the adapters and optimizer.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from opera_jax.data.jsonl import SFT_FIELDS
 from opera_jax.data.pipeline import sft_batches
 from opera_jax.data.sources import open_rows
 from opera_jax.locks import WorkdirLock
+from opera_jax.model import lora as lora_lib
 from opera_jax.tokenizer import special_token_ids
 from opera_jax.train import state as state_lib
 from opera_jax.train.metrics import MetricsWriter, Throughput
@@ -46,7 +49,7 @@ log = logging.getLogger(__name__)
 
 
 def make_train_step(graphdef, tx, schedule, *, grad_accum: int, chunk_size: int):
-    """The pure SFT step: `train_step(state, batch) -> (state, metrics)`.
+    """The pure SFT step: `train_step(state, batch, frozen) -> (state, metrics)`.
 
     Args:
       graphdef: the Qwen3 graph (static); params come from the state.
@@ -54,14 +57,16 @@ def make_train_step(graphdef, tx, schedule, *, grad_accum: int, chunk_size: int)
       grad_accum: A, micro-batches per step; B must be divisible by A.
       chunk_size: log-prob chunk.
     Returns:
-      The step function; batch arrays are int32 [B, T]; metrics are float32 scalars.
+      The step function; batch arrays are int32 [B, T]; `frozen` is LoRA's frozen base (the
+      state's params are then the adapters) or None; metrics are float32 scalars.
     """
-    def loss_sum(params, batch):
-        return nll_sum(nnx.merge(graphdef, params), batch, chunk_size=chunk_size)
+    def loss_sum(params, batch, frozen):
+        model = nnx.merge(graphdef, lora_lib.combine(frozen, params))
+        return nll_sum(model, batch, chunk_size=chunk_size)
 
     grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
 
-    def train_step(state: state_lib.TrainState, batch: dict):
+    def train_step(state: state_lib.TrainState, batch: dict, frozen: dict | None = None):
         # [B, T] -> [A, B/A, T]: micro-batch i takes rows i, i + A, …, so every micro-batch
         # keeps the batch axis's sharding (no data moves between devices).
         micro = jax.tree.map(
@@ -69,7 +74,7 @@ def make_train_step(graphdef, tx, schedule, *, grad_accum: int, chunk_size: int)
 
         def accumulate(carry, mb):
             grads, total, count = carry
-            (nll, n), g = grad_fn(state.params, mb)
+            (nll, n), g = grad_fn(state.params, mb, frozen)
             grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
             return (grads, total + nll, count + n), None
 
@@ -146,7 +151,7 @@ def _train(run: SFTRun, stop_after: int | None):
 
     # ---- data ----
     records = open_rows(run.data.path, required=SFT_FIELDS, on_bad_row=run.data.on_bad_row,
-                        seed=run.data.seed)
+                        seed=run.data.seed, tfds_data_dir=run.data.tfds_data_dir)
     tokenizer = build.load_model_tokenizer(run.model)
     ids = special_token_ids(tokenizer)
     data_iter = iter(sft_batches(
@@ -158,30 +163,33 @@ def _train(run: SFTRun, stop_after: int | None):
     log.info("%d SFT rows from %s", len(records), run.data.path)
 
     # ---- model / optimizer ----
-    graphdef, params_abstract = build.abstract_params(run.model, mesh)
-    tx, _, train_step = cached_step(graphdef, run.sft.optim, total, run.sft.grad_accum,
+    # Every weight trains, or LoRA adapters over the frozen base in `trained.frozen`.
+    trained = build.policy(run.model, run.lora, mesh, seed=run.seed)
+    tx, _, train_step = cached_step(trained.graphdef, run.sft.optim, total, run.sft.grad_accum,
                                     run.sft.chunk_size, mesh)
-    abstract = state_lib.abstract_state(params_abstract, tx, mesh)
+    abstract = state_lib.abstract_state(trained.abstract, tx, mesh)
     state_sharding = state_lib.shardings_of(abstract)
+    frozen_sharding = jax.tree.map(lambda x: x.sharding, trained.frozen)
 
     # ---- restore ----
     # Order: (1) the abstract state above fixes shapes, dtypes and shardings without
     # allocating; (2) the newest readable checkpoint's arrays load straight into those shards
     # (an unreadable one is set aside and the next older tried); (3) the data iterator is
     # repositioned to the saved batch; (4) the saved config is only compared (differences
-    # are logged). Without a checkpoint: load/initialise params, fresh optimizer.
+    # are logged). Without a checkpoint: load/initialise params, fresh optimizer. The frozen
+    # base of a LoRA run was loaded above from its own source; it is never checkpointed.
     saved_config = to_json(run)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=run.checkpoint.keep,
                         async_save=run.checkpoint.async_save)
     state, start = ckpt.restore_or_init(
-        abstract, lambda: state_lib.init_state(build.load_params(run.model, mesh), tx,
-                                               abstract, seed=run.seed),
+        abstract, lambda: state_lib.init_state(trained.init(), tx, abstract, seed=run.seed),
         data_iter=data_iter, config=saved_config)
 
     # ---- loop ----
-    step_fn = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding),
+    step_fn = jax.jit(train_step, in_shardings=(state_sharding, batch_sharding, frozen_sharding),
                       out_shardings=(state_sharding, None), donate_argnums=0)
-    writer = MetricsWriter(workdir, total_steps=total, initial_step=start)
+    writer = MetricsWriter(workdir, total_steps=total, initial_step=start, log=run.log,
+                           config=saved_config)
     log_due = Every(run.sft.log_every, last_step=last)
     ckpt_due = Every(run.checkpoint.every, last_step=last)
     meter = Throughput()
@@ -195,7 +203,7 @@ def _train(run: SFTRun, stop_after: int | None):
                     batch = {k: jax.make_array_from_process_local_data(batch_sharding, v,
                                                                        global_shape)
                              for k, v in local.items()}
-                    state, metrics = step_fn(state, batch)
+                    state, metrics = step_fn(state, batch, trained.frozen)
                 meter.add(np.count_nonzero(local["segment_ids"]) * jax.process_count())
                 # The only device->host sync is inside `metrics`, at log steps.
                 if end_step(step, state, ckpt=ckpt, writer=writer,
