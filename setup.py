@@ -36,6 +36,8 @@ setup(
     extras_require={
         "cuda": ["jax[cuda13]>=0.10.0,<0.12"],
         "cuda12": ["jax[cuda12]>=0.10.0,<0.12"],
+        # jax[tpu] brings the libtpu of its jax version: TPU VMs run on it, and the planner
+        # (python -m opera_jax.plan --topology=…) compiles TPU programs with it on any machine.
         "tpu": ["jax[tpu]>=0.10.0,<0.12"],
         # Readers of Parquet, Hugging Face datasets on disk and TFDS (data/tables.py): ~300 MB
         # with pyarrow and pandas, needed only by runs that read those sources.

@@ -21,6 +21,10 @@ clip 3. Kept here: G 16, 8 updates per step, every loss and optimizer setting. S
 GPU: 16 prompts per step (256 responses; 2 prompts × 16 per update, as published per GPU
 group), responses up to 4,096 tokens and prompts up to 1,024, sampled 4 prompts (64 rows) per
 sampler call so the bf16 KV cache stays ~37 GB, 8 micro-batches of 4 rows per update, remat on.
+
+Planned ahead of time (an estimate: compiled for a CPU device standing in for the GPU):
+
+    python -m opera_jax.plan --config=configs/grpo_qwen3_0p6b_gpu.py --gpus=1 --hbm_gb=80
 """
 
 from opera_jax.config.setups import grpo_published

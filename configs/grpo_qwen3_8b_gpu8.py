@@ -12,6 +12,10 @@ that on 8 GPUs: one process, parameters and AdamW state (float32, ~98 GB) sharde
 ~16k slots × 144 KiB × 64 rows ≈ 150 GB over 8 GPUs), 16 micro-batches of 8 rows per update.
 The start point is the SFT model (`model.hf_dir`, or `model.checkpoint` = the SFT run); it is
 also the KL reference.
+
+Planned ahead of time (an estimate: compiled for 8 CPU devices standing in for the GPUs):
+
+    python -m opera_jax.plan --config=configs/grpo_qwen3_8b_gpu8.py --gpus=8 --hbm_gb=80
 """
 
 from opera_jax.config.setups import grpo_published

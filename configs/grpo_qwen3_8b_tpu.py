@@ -10,6 +10,10 @@ config on every worker (launch/tpu_vm.sh): the mesh spans all hosts, every proce
 rollout and reward bookkeeping on the global batch.
 Published settings as in configs/grpo_qwen3_8b_gpu8.py; on v6e-8 (256 GB HBM in all) the
 rollout is split into 2 prompts × 16 rows per sampler call.
+
+Planned ahead of time for a v5p-8 (the table is in README.md):
+
+    python -m opera_jax.plan --config=configs/grpo_qwen3_8b_tpu.py --topology=v5p-8
 """
 
 from opera_jax.config.setups import grpo_published
@@ -26,4 +30,8 @@ def get_config():
     c.rollout.prompts_per_call = 2
     c.grpo.grad_accum = 16
     c.grpo.peak_flops = 918e12   # v6e per chip, dense bf16 (v5p: 459e12)
+    # The reward's prefill in one pass over prompt + response (16,384 tokens): right-padded
+    # rows from slot 0 go through splash, where 1,024-token chunks at a traced cache offset
+    # would fall back to xla's dense [chunk, 17k-slot] scores (planned: see the docstring).
+    c.reward.prefill_chunk = 16384
     return c

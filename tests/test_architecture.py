@@ -1,8 +1,8 @@
 """The package's imports point one way, along the data flow, read from the source.
 
     base (sharding, tokenizer, checkpoint, …) → model → sampling → reward → config → data
-    → rollout → {synth, train} → evaluation → pipeline → the public API (opera_jax/__init__)
-    → command line
+    → rollout → {synth, train} → evaluation → pipeline → plan → the public API
+    (opera_jax/__init__) → command line
 
 A module may import modules of its own part or of the parts before it, never after; inside a
 part the imports form no cycle; and no module imports a project module inside a function (a
@@ -17,10 +17,11 @@ import pytest
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "opera_jax")
 PARTS = ("base", "model", "sampling", "reward", "config", "data", "rollout", "synth", "train",
-         "evaluation", "pipeline", "api", "cli")
+         "evaluation", "pipeline", "plan", "api", "cli")
 BASE = {"buckets", "checkpoint", "distributed", "enums", "locks", "outputs", "sharding",
         "tokenizer"}
-CLI = {"opera_jax.cli", "opera_jax.eval", "opera_jax.export", "opera_jax.train.__main__"}
+CLI = {"opera_jax.cli", "opera_jax.eval", "opera_jax.export", "opera_jax.train.__main__",
+       "opera_jax.plan.__main__"}
 
 
 def modules() -> dict[str, str]:

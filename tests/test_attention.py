@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from opera_jax.model import attention as A
+from opera_jax.model import splash_tpu
 
 
 def _numpy_reference(q, k, v, mask):
@@ -94,7 +95,7 @@ def test_unavailable_backend_falls_back_and_logs_once(caplog):
     with caplog.at_level(logging.WARNING, logger=A.__name__):
         outs = [A.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), q_segment_ids=seg,
                             kv_segment_ids=seg, q_slots=slots, kv_slots=slots, impl="cudnn",
-                            prefill_causal=True) for _ in range(2)]
+                            layout=A.Layout.CAUSAL) for _ in range(2)]
     msgs = [r.getMessage() for r in caplog.records]
     assert len(msgs) == 1 and "'cudnn'" in msgs[0] and "platform is cpu" in msgs[0]
     np.testing.assert_allclose(np.asarray(outs[0]),
@@ -135,6 +136,6 @@ def test_splash_kernel_in_interpreter_equals_xla():
     slots = np.broadcast_to(np.arange(t), (b, t))
     want = A.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), q_segment_ids=seg,
                        kv_segment_ids=seg, q_slots=slots, kv_slots=slots, impl="xla")
-    got = A.splash_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(seg),
-                             jnp.asarray(seg), interpret=True)
+    got = splash_tpu.splash_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+                                      jnp.asarray(seg), jnp.asarray(seg), interpret=True)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)

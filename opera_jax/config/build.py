@@ -38,9 +38,10 @@ from opera_jax.tokenizer import load_tokenizer
 log = logging.getLogger(__name__)
 
 
-def make_mesh(mesh: S.Mesh) -> Mesh:
-    """The (data, fsdp, tensor) mesh over the first `num_devices` devices (all when None)."""
-    devices = jax.devices()
+def make_mesh(mesh: S.Mesh, devices=None) -> Mesh:
+    """The (data, fsdp, tensor) mesh over the first `num_devices` devices (all when None) of
+    `devices` (default `jax.devices()`; the planner passes a target's compile-only devices)."""
+    devices = list(jax.devices() if devices is None else devices)
     if mesh.num_devices is not None:
         if not 1 <= mesh.num_devices <= len(devices):
             raise ValueError(f"mesh.num_devices={mesh.num_devices}, but {len(devices)} "

@@ -103,7 +103,8 @@ class KVCache:
     k: tuple[jax.Array, ...]  # L × [B, K, S, H]
     v: tuple[jax.Array, ...]  # L × [B, K, S, H]
     segment_ids: jax.Array  # int32 [B, S]
-    end: jax.Array  # int32 [] — slots written so far (shared by all rows)
+    end: jax.Array  # int32 [] — slots written so far (shared by all rows); a Python int
+    # when the caller knows it statically (fused kernels then know where the queries sit)
 
     LOGICAL_AXES = ("batch", "act_kv_heads", "cache_seq", "head_dim")  # of each k / v buffer
     SLOT_AXIS = 2
@@ -155,8 +156,8 @@ class Attention(nnx.Module):
         self.k_bias = bias(k, "kv_heads") if cfg.attention_bias else None
         self.v_bias = bias(k, "kv_heads") if cfg.attention_bias else None
 
-    def __call__(self, x, *, positions, segment_ids, mask, layer_cache, prefill_causal):
-        """x: [B, T, D].
+    def __call__(self, x, *, positions, segment_ids, mask, layer_cache, layout, q_offset):
+        """x: [B, T, D]; layout / q_offset: static hints for the fused kernels (attention.py).
 
         layer_cache: None, or (this layer's k [B,K,S,H], v, kv_segment_ids [B,S], end). The new
         keys/values are written into the buffers in place (one dynamic-update-slice each) and
@@ -169,7 +170,7 @@ class Attention(nnx.Module):
         b, t = x.shape[:2]
         if isinstance(layer_cache, PagedLayer):  # paged KV (sampling engine): writes + attends
             out, new_kv = layer_cache.attend(q, k, v)
-            return jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(dt)), new_kv
+            return project("BTNH,NHD->BTD", out, self, "o_proj", dt), new_kv
         if layer_cache is None:
             slots = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
             keys, values, kv_seg, kv_slots, q_slots = k, v, segment_ids, slots, slots
@@ -189,8 +190,8 @@ class Attention(nnx.Module):
             values = jnp.swapaxes(cv, 1, 2).astype(dt)
         out = attn_lib.attention(q, keys, values, q_segment_ids=segment_ids,
                                  kv_segment_ids=kv_seg, q_slots=q_slots, kv_slots=kv_slots,
-                                 mask=mask, impl=self.attention_impl,
-                                 prefill_causal=prefill_causal)  # [B, T, N, H]
+                                 mask=mask, impl=self.attention_impl, layout=layout,
+                                 q_offset=q_offset)  # [B, T, N, H]
         y = project("BTNH,NHD->BTD", out, self, "o_proj", dt)
         return y, new_kv
 
@@ -242,10 +243,10 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.mlp = MLP(cfg, dtype=dtype, lora=lora, quant=quant, **kw)
 
-    def __call__(self, x, *, positions, segment_ids, mask, layer_cache, prefill_causal):
+    def __call__(self, x, *, positions, segment_ids, mask, layer_cache, layout, q_offset):
         h, new_kv = self.self_attn(self.input_layernorm(x), positions=positions,
                                    segment_ids=segment_ids, mask=mask, layer_cache=layer_cache,
-                                   prefill_causal=prefill_causal)
+                                   layout=layout, q_offset=q_offset)
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))
         return constrain(x, ("batch", "seq", "act_embed")), new_kv
@@ -299,7 +300,8 @@ class Qwen3(nnx.Module):
 
     def __call__(self, tokens: jax.Array, *, positions: jax.Array | None = None,
                  segment_ids: jax.Array | None = None, mask: jax.Array | None = None,
-                 cache: KVCache | None = None, return_hidden: bool = False) -> Any:
+                 cache: KVCache | None = None, return_hidden: bool = False,
+                 right_padded: bool = False) -> Any:
         """Runs the decoder.
 
         Args:
@@ -312,11 +314,18 @@ class Qwen3(nnx.Module):
           cache: a KVCache; the new keys/values are written at slots [end, end + T). Or a
             paged.PagedKVCache (row b's new tokens at positions starts[b] + t, see paged.py).
           return_hidden: return final-normed hidden states [B, T, D] instead of logits.
+          right_padded: the caller promises every row is one sequence (segment 1) followed by
+            padding (0), starting at slot 0: fused kernels then take per-row lengths.
         Returns:
           logits float32 [B, T, V] (or hidden [B, T, D]); with a cache, (that, new_cache).
         """
         b, t = tokens.shape
-        prefill_causal = segment_ids is None and mask is None and cache is None and positions is None
+        causal = segment_ids is None and mask is None and cache is None and positions is None
+        layout = (attn_lib.Layout.CAUSAL if causal else attn_lib.Layout.RIGHT_PADDED
+                  if right_padded else attn_lib.Layout.GENERAL)
+        # The queries' first slot when static: 0 without a cache, a cache's end held as a
+        # Python int (the reward kernel's windows); None when traced.
+        q_offset = 0 if cache is None else cache.end if isinstance(cache.end, int) else None
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
         if positions is None:
@@ -337,7 +346,7 @@ class Qwen3(nnx.Module):
             layer_cache = None if cache is None else cache.layer(i, ck[i], cv[i]) if paged else (
                 ck[i], cv[i], kv_seg, cache.end)
             kwargs = dict(positions=positions, segment_ids=segment_ids, mask=mask,
-                          layer_cache=layer_cache, prefill_causal=prefill_causal)
+                          layer_cache=layer_cache, layout=layout, q_offset=q_offset)
             if self.remat and cache is None:
                 x, kv = nnx.remat(lambda lyr, y: lyr(y, **kwargs))(layer, x)
             else:

@@ -73,8 +73,8 @@ def reference_logprobs(model, sequences: Sequence[Sequence[int]],
         if not any(contexts[sl]):
             out.extend(np.zeros((0,), np.float32) for _ in contexts[sl])
             continue
-        packed, windows, order = _pack(sequences[sl], references[sl], contexts[sl], config)
-        lp_sorted = _kernel(graphdef, state, *packed, temperature, windows=windows,
+        packed, windows, order = pack_inputs(sequences[sl], references[sl], contexts[sl], config)
+        lp_sorted = lp_kernel(graphdef, state, *packed, temperature, windows=windows,
                             logprob_chunk=config.logprob_chunk)
         lp = np.empty((len(order),), np.float32)
         lp[order] = np.asarray(to_host(lp_sorted), np.float32)[:len(order)]
@@ -85,7 +85,7 @@ def reference_logprobs(model, sequences: Sequence[Sequence[int]],
     return out
 
 
-def _pack(sequences, references, contexts, config: RewardConfig):
+def pack_inputs(sequences, references, contexts, config: RewardConfig):
     """Host side of one call: inputs padded to bucket sizes, contexts sorted into steps.
 
     Returns:
@@ -140,7 +140,7 @@ def cache_windows(p: int, count: int) -> tuple[int, ...]:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "windows", "logprob_chunk"))
-def _kernel(graphdef, state, tokens, lengths, reference, ref_lengths, ctx_row, ctx_visible,
+def lp_kernel(graphdef, state, tokens, lengths, reference, ref_lengths, ctx_row, ctx_visible,
             ctx_first, ctx_window, temperature, *, windows: tuple[int, ...], logprob_chunk: int):
     """Prefill + reference passes.
 
@@ -162,8 +162,14 @@ def _kernel(graphdef, state, tokens, lengths, reference, ref_lengths, ctx_row, c
         _, cache = model(toks, segment_ids=sg, cache=cache, return_hidden=True)
         return cache, None
 
-    cache, _ = jax.lax.scan(prefill, KVCache.init(model.config, b, p + r, model.dtype),
-                            (tokens, seg))
+    cache = KVCache.init(model.config, b, p + r, model.dtype)
+    if n_chunks == 1:
+        # One pass: right-padded rows from slot 0 with a static start (Python int end), the
+        # call shape fused kernels take whole (cuDNN with per-row lengths, splash).
+        _, cache = model(tokens[0], segment_ids=seg[0], cache=cache.replace(end=0),
+                         return_hidden=True, right_padded=True)
+    else:
+        cache, _ = jax.lax.scan(prefill, cache, (tokens, seg))
 
     # 2. Reference passes, `per_step` contexts side by side, attending to a window of w cache
     # slots (w static per branch; the step's contexts all have visible <= w).
@@ -174,7 +180,7 @@ def _kernel(graphdef, state, tokens, lengths, reference, ref_lengths, ctx_row, c
         # writes its own keys over [w, w + r).
         ctx_cache = cache.map_kv(lambda x: jnp.take(x[:, :, :w + r], rows, axis=0)).replace(
             segment_ids=(jnp.arange(w + r)[None, :] < visible[:, None]).astype(jnp.int32),
-            end=jnp.asarray(w, jnp.int32))
+            end=w)  # static: the pass's queries sit at slots w .. w + r - 1
         ref, n = reference[rows], ref_lengths[rows]  # [per_step, R], [per_step]
         valid = offsets[None, :] < n[:, None]
         toks = jnp.concatenate([first[:, None], ref[:, :-1]], axis=1)

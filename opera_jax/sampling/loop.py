@@ -145,7 +145,8 @@ def prefill(graphdef, params, tokens, lengths, *, config: CacheConfig):
         first = (p - lengths)[:, None]
         segment_ids = (slot >= first).astype(jnp.int32)
         positions = jnp.maximum(slot - first, 0)
-        cache = KVCache.init(model.config, b, p, jnp.dtype(config.cache_dtype))
+        # end as a Python int: the prefill's queries start at slot 0, statically (kernels).
+        cache = KVCache.init(model.config, b, p, jnp.dtype(config.cache_dtype)).replace(end=0)
         hidden, cache = model(tokens, positions=positions, segment_ids=segment_ids, cache=cache,
                               return_hidden=True)
         # Project only the last position: [B, P, V] float32 logits would be gigabytes.
@@ -254,26 +255,29 @@ def _steps(model, state: _State, rows: RowParams, stop: StopArrays, seed, pause_
     return jax.lax.while_loop(cond, body, state)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "config"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "config"), donate_argnames=("cache",))
 def decode(graphdef, params, cache, logits, prompt_lengths, rows: RowParams, stop: StopArrays,
-           seed, *, config: LoopConfig) -> SampleOutput:
+           seed, *, config: LoopConfig) -> tuple[SampleOutput, KVCache]:
     """Samples until every row has finished or C steps have run.
 
     Args:
       graphdef, params: `nnx.split(model)`.
-      cache, logits: the first two results of `prefill`.
+      cache, logits: the first two results of `prefill`; the cache is donated and returned,
+        so the loop updates it in place (a kept input would be copied into the loop: a second
+        whole cache).
       prompt_lengths: int32 [R] real prompt length of each row.
       rows: per-row knobs. stop: token bytes, stop strings, EOS ids.
       seed: int32 []; row r at step t draws with fold_in(fold_in(key(seed), row_id), t).
       config: static.
     Returns:
-      SampleOutput.
+      (SampleOutput, the cache after the last step).
     """
     TRACE_COUNT["decode"] += 1
     with activation_mesh(config.cache.mesh):
         model = nnx.merge(graphdef, params)
         state = _start(cache, logits, prompt_lengths, rows, stop, config)
-        return _steps(model, state, rows, stop, seed, 0, config).out
+        state = _steps(model, state, rows, stop, seed, 0, config)
+        return state.out, state.cache
 
 
 # Compaction: the same samples with less work when rows finish at very different steps.
@@ -283,7 +287,7 @@ def decode(graphdef, params, cache, logits, prompt_lengths, rows: RowParams, sto
 # those of one uninterrupted `decode`.
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "config"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "config"), donate_argnames=("cache",))
 def start(graphdef, params, cache, logits, prompt_lengths, rows: RowParams, stop: StopArrays,
           seed, pause_at, *, config: LoopConfig) -> _State:
     """`decode`'s first segment: returns the loop state (pause_at: int32 [])."""
@@ -294,7 +298,7 @@ def start(graphdef, params, cache, logits, prompt_lengths, rows: RowParams, stop
         return _steps(model, state, rows, stop, seed, pause_at, config)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "config"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "config"), donate_argnames=("state",))
 def resume(graphdef, params, state: _State, rows: RowParams, stop: StopArrays, seed, pause_at,
            *, config: LoopConfig) -> _State:
     """The next segment from a (compacted) state."""

@@ -295,7 +295,8 @@ class Sampler:
         if compact:
             out = self._decode_compacting(*decode_args, config=config)
         else:
-            out = to_host(loop.decode(self.graphdef, self.params, *decode_args, config=config))
+            out = to_host(loop.decode(self.graphdef, self.params, *decode_args,
+                                      config=config)[0])
         prompt_lp = to_host(prompt_lp)  # gathered across processes if needed
         if prompt_lp is not None:
             prompt_lp = [prompt_lp[i, plen - len(x):plen - 1] for i, x in enumerate(prompts)]
