@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from opera_jax import cli, pipeline
 from opera_jax.config import build
 from opera_jax.config.runs import parse
+from opera_jax.config.sections import Mesh
 from opera_jax.config.setups import default
 from opera_jax.evaluation import evaluate
 from opera_jax.train.metrics import read_metrics
@@ -114,9 +115,11 @@ def run_unit(config: ml_collections.ConfigDict, seed: int, variant: str, scorer)
         pipeline.run_grpo(recipe, paths, workdir=grpo_dir)
         out.update(_grpo_curves(grpo_dir))
         source = grpo_dir
-    model, tokenizer = build.load_source(source, dtype=recipe.eval.dtype)
+    mesh = build.make_mesh(Mesh())  # as load_source places the scorer
+    model, tokenizer = build.load_source(source, dtype=recipe.eval.dtype, mesh=mesh)
     rows = evaluate.load_prompts(recipe.eval)
-    _, metrics = evaluate.evaluate_model(model, tokenizer, rows, recipe.eval, scorer=scorer)
+    _, metrics = evaluate.evaluate_model(model, tokenizer, rows, recipe.eval, scorer=scorer,
+                                         mesh=mesh)
     out.update(metrics)
     return out
 

@@ -163,7 +163,7 @@ def test_unknown_keys_and_stages_are_named():
     config = load_config_file(CONFIG)
     assert check_overrides(config, ["--config.rollout.n=8", "--config.loss.kl_coef=0"]) is None
     assert check_overrides(config, ["--config.rollout.G=8"]).startswith(
-        "unknown config key 'rollout.G'; valid keys under 'rollout': max_new_tokens, "
+        "unknown config key 'rollout.G'; valid keys under 'rollout': engine, max_new_tokens, "
         "max_prompt_len, n,")
     config.stage = "dpo"
     with pytest.raises(ConfigError, match="config.stage='dpo' is not one of: pipeline, synth"):

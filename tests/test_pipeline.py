@@ -89,5 +89,6 @@ def test_main_command_rejects_unknown_keys_of_the_embedded_default():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert out.stderr.strip().endswith(
-        "unknown config key 'grpo.stepz'; valid keys under 'grpo': chunk_size, grad_accum, "
-        "log_every, num_minibatches, old_logprobs, optim, peak_flops, random_rewards, steps")
+        "unknown config key 'grpo.stepz'; valid keys under 'grpo': chunk_size, dynamic_sampling, "
+        "grad_accum, log_every, max_sampling_rounds, num_minibatches, old_logprobs, optim, "
+        "peak_flops, random_rewards, steps")

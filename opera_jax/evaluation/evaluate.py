@@ -34,6 +34,7 @@ import numpy as np
 from opera_jax import tokenizer as tk
 from opera_jax.config import build
 from opera_jax.config.sections import Eval
+from opera_jax.config.sections import Mesh as MeshSection
 from opera_jax.data.pipeline import TokenizePrompt
 from opera_jax.data.sources import open_rows
 from opera_jax.evaluation import report
@@ -82,7 +83,7 @@ def _per_sample(tokenizer, prompt: str, ids: np.ndarray, think_close: int | None
             **diagnostics.response_quality(prompt, text, ids, keywords=keywords)}
 
 
-def evaluate_model(model, tokenizer, rows: list[dict], config, *, scorer=None):
+def evaluate_model(model, tokenizer, rows: list[dict], config, *, scorer=None, mesh=None):
     """Generates `config.n` responses per row and measures them.
 
     Args:
@@ -90,6 +91,7 @@ def evaluate_model(model, tokenizer, rows: list[dict], config, *, scorer=None):
       rows: prompt rows (`load_prompts`).
       config: the `eval` section.
       scorer: the model that computes LP (the reward, reference perplexity); default `model`.
+      mesh: the mesh the models' parameters live on (the sampler's batch follows it), or None.
 
     Returns:
       (records: one dict per response, metrics: dict of float means).
@@ -101,7 +103,7 @@ def evaluate_model(model, tokenizer, rows: list[dict], config, *, scorer=None):
     if not prompts:
         raise ValueError(f"every prompt of {config.prompts} is longer than "
                          f"eval.max_prompt_len={config.max_prompt_len} tokens")
-    sampler = Sampler.for_tokenizer(model, tokenizer, stop_strings=False)
+    sampler = Sampler.for_tokenizer(model, tokenizer, stop_strings=False, mesh=mesh)
     longest = max(len(p["prompt_ids"]) for p in prompts)
     ro = sample_rollout(sampler, prompts, n=config.n, seq_len=longest + config.max_new_tokens,
                         max_new_tokens=config.max_new_tokens, temperature=config.temperature,
@@ -212,6 +214,7 @@ def compare(sources: dict[str, str], config: Eval, out: str, *, overwrite: bool 
     """
     check_writable(out, overwrite=overwrite, what="evaluation", flag="--overwrite")
     rows = load_prompts(config)
+    mesh = mesh or build.make_mesh(MeshSection())  # every source and its sampler on one mesh
     models = {label: build.load_source(path, dtype=config.dtype, mesh=mesh)
               for label, path in sources.items()}
     if config.scorer is not None and config.scorer not in models:
@@ -220,7 +223,8 @@ def compare(sources: dict[str, str], config: Eval, out: str, *, overwrite: bool 
     for label, (model, tokenizer) in models.items():
         t0 = time.perf_counter()
         scorer = None if config.scorer is None else models[config.scorer][0]
-        records, metrics = evaluate_model(model, tokenizer, rows, config, scorer=scorer)
+        records, metrics = evaluate_model(model, tokenizer, rows, config, scorer=scorer,
+                                          mesh=mesh)
         metrics["prompts_per_s"] = len(rows) / (time.perf_counter() - t0)
         results[label], per_model[label] = metrics, records
     with output_dir(out, overwrite=overwrite, what="evaluation", flag="--overwrite") as tmp:

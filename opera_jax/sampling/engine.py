@@ -53,6 +53,7 @@ from opera_jax.model.paged import PagedAttention, bytes_per_token
 from opera_jax.sampling import engine_loop as el
 from opera_jax.sampling.loop import RowParams, StopArrays
 from opera_jax.sampling.prefix_cache import PrefixCache
+from opera_jax.sharding import to_host
 
 _FOREVER = 2 ** 30
 
@@ -149,7 +150,7 @@ class Engine:
 
     def pages_in_use(self) -> int:
         """Pages referenced now (between calls: the prefix cache's)."""
-        return 0 if self.pool is None else int(jax.device_get(self.pool.alloc.in_use()))
+        return 0 if self.pool is None else int(to_host(self.pool.alloc.in_use()))
 
     def clear_prefix_cache(self) -> None:
         """Gives back every cached page (call after changing the weights)."""
@@ -169,7 +170,7 @@ class Engine:
             self.pool = el.retain_pages(self.pool, jnp.asarray(ids))
 
     def _top(self) -> int:
-        return int(jax.device_get(self.pool.alloc.top))
+        return int(to_host(self.pool.alloc.top))
 
     # ---- one call --------------------------------------------------------------------------
 
@@ -344,7 +345,7 @@ class _Call:
             put(count), put(final), put(reuse), put(reuse_count), config=self.pc)
         self.counters["prefill_calls"] += 1
         self.counters["prefill_tokens"] += int(count.sum())
-        lp = None if lp is None else np.asarray(jax.device_get(lp))
+        lp = None if lp is None else np.asarray(to_host(lp))
 
         done = []
         for i, job in enumerate(batch):
@@ -354,7 +355,7 @@ class _Call:
             job.hits = []
             if job.done == len(job.tokens):
                 done.append(job)
-        tables = np.asarray(jax.device_get(self.entries.table)) \
+        tables = np.asarray(to_host(self.entries.table)) \
             if done and e.cache is not None else None
         for job in done:  # its rows may take slots now
             self.prefilling.remove(job)
@@ -394,7 +395,7 @@ class _Call:
             put(np.int32(low_water)), put(np.int32(max_steps)), put(np.int32(self.reserve)),
             config=self.dc)
         self.counters["segments"] += 1
-        status, head, top, slot_rows, generated = jax.device_get(
+        status, head, top, slot_rows, generated = to_host(
             (self.state.status, self.state.head, e.pool.alloc.top, self.state.row,
              self.state.generated))
         self.top, self.running = int(top), int((slot_rows >= 0).sum())
@@ -439,7 +440,7 @@ class _Call:
     def finish(self):
         """(outputs on the host, prompt log-probs or None); sets the engine's `last_stats`."""
         st = self.state
-        out, steps, busy, peak_pages, peak_live = jax.device_get(
+        out, steps, busy, peak_pages, peak_live = to_host(
             (st.out, st.steps, st.busy, st.peak_pages, st.peak_live))
         out = jax.tree.map(lambda x: np.asarray(x)[:self.real], out)
         c = self.counters
