@@ -82,6 +82,7 @@ def test_two_processes_equal_one_process(tmp_path):
 GRPO_WORKER = os.path.join(os.path.dirname(__file__), "multiprocess_grpo_worker.py")
 
 
+@pytest.mark.slow  # the default suite stays under ~10 min on 2 cores
 def test_grpo_two_processes_equal_one_process(tmp_path):
     """2 GRPO pulse steps (rollout, OPERA reward, update) on a mesh spanning two processes
     with 2 fake devices each: the same metrics as one process with 4 devices."""

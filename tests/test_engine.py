@@ -195,6 +195,7 @@ def test_prefix_cache_prefills_only_the_new_tokens(loaded):
     assert s.engine.pages_in_use() == 0
 
 
+@pytest.mark.slow  # the default suite stays under ~10 min on 2 cores
 def test_preemption_when_the_pool_runs_out(spread, loaded):
     _, tok, _ = loaded
     prompts = random_prompts([20, 12, 30, 25], seed=9)

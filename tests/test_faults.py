@@ -201,6 +201,7 @@ def test_all_sft_rows_too_long_is_an_error(tmp_path):
 # ---- 4. synthesis skips prompts it cannot hold ----
 
 
+@pytest.mark.slow  # the default suite stays under ~10 min on 2 cores
 def test_synthesis_skips_an_over_long_prompt(tmp_path):
     rows = toy_domain.prompt_rows(2, seed=1)
     rows.append({"id": "huge", "prompt": "Write. " * 20_000, "reference": "x"})

@@ -47,6 +47,7 @@ def numpy_absmax(w: np.ndarray, n_in: int, bits: int, group: int) -> np.ndarray:
     return (np.clip(np.round(x / scale), -qmax, qmax) * scale).reshape(shape)
 
 
+@pytest.mark.slow  # the default suite stays under ~10 min on 2 cores
 def test_fresh_adapters_leave_the_model_unchanged_and_the_update_is_xab(hf_tiny):
     mesh = one_device()
     model = S.Model(hf_dir=hf_tiny[0], preset=None)

@@ -117,7 +117,8 @@ def test_export_reloads_in_transformers(checkpoint, name, tmp_path):
     assert np.abs(_torch_logits(back, ids) - ours).max() <= TOL
 
 
-@pytest.mark.parametrize("name", list(CHECKPOINTS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "llama_tied" else n
+                                  for n in CHECKPOINTS])
 def test_kv_cache_step_equals_full_forward(checkpoint, name):
     _, _, model, _ = checkpoint(name)
     ids = jnp.asarray(np.random.RandomState(3).randint(0, 1024, (2, 48)), jnp.int32)

@@ -88,6 +88,7 @@ def test_sft_plan_bytes_match_hand_computation():
     assert step.flops >= 0.9 * 3 * tokens * 2 * (cfg.num_params - cfg.vocab_size * cfg.hidden_size)
 
 
+@pytest.mark.slow  # the default suite stays under ~10 min on 2 cores
 def test_grpo_plan_has_every_program_and_resident_state():
     c = load_config_file(os.path.join(ROOT, "configs", "grpo_tiny.py"))
     c.model.dtype = "bfloat16"  # bf16 compute: old log-probs recomputed

@@ -252,7 +252,7 @@ def test_set_params_samples_from_new_weights(loaded, sampler):
     assert not np.array_equal(before.tokens, want.tokens)
 
 
-@pytest.mark.parametrize("devices", [1, 8])
+@pytest.mark.parametrize("devices", [pytest.param(1, marks=pytest.mark.slow), 8])
 def test_compaction_gives_the_same_samples(loaded, devices, monkeypatch):
     # Rows finish between step 1 and 40 (per-prompt caps and stop strings): with `compact`
     # the loop pauses when half have finished and goes on with the rest in a narrower batch.

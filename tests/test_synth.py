@@ -206,6 +206,7 @@ def test_state_cap_holds_then_the_teacher_finishes(tmp_path, tok):
         assert all(e.completions[0].stop in (None, "</think>") for e in finish)
 
 
+@pytest.mark.slow  # the default suite stays under ~10 min on 2 cores
 def test_resumed_run_equals_uninterrupted_run(tmp_path, tok, teacher):
     write_prompts(tmp_path / "prompts.jsonl", toy_domain.prompt_rows(5, seed=7))
     # Uninterrupted, and as published: one prompt, one candidate at a time.
