@@ -1,7 +1,7 @@
 """Rollout-shaped sampling on the CPU, tiny preset: the engine (`slots=`) vs today's sampler.
 
-    /work/main/.venv/bin/python benchmarks/bench_engine_cpu.py                  # 64 × 16, cap 512
-    /work/main/.venv/bin/python benchmarks/bench_engine_cpu.py --prompts 8 --n 4 --cap 64  # quick
+    python benchmarks/bench_engine_cpu.py                  # 64 × 16, cap 512
+    python benchmarks/bench_engine_cpu.py --prompts 8 --n 4 --cap 64  # quick
 
 Workload (rollout_workload.py): 64 prompts × 16 samples, prompts of 32-127 tokens, response
 lengths log-normal with median cap / 6 and 5 % at the cap, imposed as per-row max_new_tokens

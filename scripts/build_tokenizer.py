@@ -1,6 +1,6 @@
 """Build the embedded tiny byte-level BPE tokenizer into `opera_jax/assets/tiny_tokenizer/`.
 
-    /work/venv/bin/python scripts/build_tokenizer.py [--out DIR]
+    python scripts/build_tokenizer.py [--out DIR]
 
 The tokenizer copies Qwen3's pipeline (NFC, the Qwen split regex, byte-level BPE, byte-level
 decoder) at 1024 ids: 1019 learned byte-level tokens, then `<|endoftext|>`, `<|im_start|>`,
