@@ -47,7 +47,8 @@ setup(
         # reward.math_match=math_verify: equivalent answers (0.5, 1/2, \frac{1}{2}) match.
         "math": ["math-verify>=0.7"],
         # torch is the CPU build pinned on purpose: the reference in parity tests only.
-        "test": ["pytest>=8", "hypothesis>=6.100", "torch==2.13.0",
+        # pytest-xdist: the suite runs on two workers (pytest.ini).
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "torch==2.13.0",
                  "pyarrow>=15", "datasets>=3.0", "tensorflow-datasets>=4.9.5", "wandb>=0.19",
                  "math-verify>=0.7"],
     },
