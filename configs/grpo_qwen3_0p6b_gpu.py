@@ -20,7 +20,8 @@ then constant, AdamW (0.9, 0.999), wd 0.01, clip 1.0, KL 0.001 (k3, as a loss), 
 clip 3. Kept here: G 16, 8 updates per step, every loss and optimizer setting. Scaled to one
 GPU: 16 prompts per step (256 responses; 2 prompts × 16 per update, as published per GPU
 group), responses up to 4,096 tokens and prompts up to 1,024, sampled 4 prompts (64 rows) per
-sampler call so the bf16 KV cache stays ~37 GB, 8 micro-batches of 4 rows per update, remat on.
+sampler call so the bf16 KV cache stays ~37 GB, 16 micro-batches of 2 rows per update, remat on
+(the planner put micro-batches of 4 at 86 GiB: the float32 logits over 151,936 tokens).
 
 Planned ahead of time (an estimate: compiled for a CPU device standing in for the GPU):
 
@@ -39,6 +40,6 @@ def get_config():
     c.rollout.num_prompts = 16
     c.rollout.max_new_tokens = 4096
     c.rollout.prompts_per_call = 4  # 64 rows x 5,120 slots of bf16 KV cache per call
-    c.grpo.grad_accum = 8        # 32 rows per update in micro-batches of 4
+    c.grpo.grad_accum = 16       # 32 rows per update in micro-batches of 2 (planned: 4 does not fit 80 GB)
     c.grpo.peak_flops = 989e12   # H100 / H200 dense bf16, for MFU
     return c
