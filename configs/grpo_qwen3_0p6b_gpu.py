@@ -40,6 +40,9 @@ def get_config():
     c.rollout.num_prompts = 16
     c.rollout.max_new_tokens = 4096
     c.rollout.prompts_per_call = 4  # 64 rows x 5,120 slots of bf16 KV cache per call
+    # The fixed-batch sampler in calls of prompts_per_call, the path the planner compiles;
+    # the paged engine (rollout.engine=True) is not planned yet.
+    c.rollout.engine = False
     c.grpo.grad_accum = 16       # 32 rows per update in micro-batches of 2 (planned: 4 does not fit 80 GB)
     c.grpo.peak_flops = 989e12   # H100 / H200 dense bf16, for MFU
     return c

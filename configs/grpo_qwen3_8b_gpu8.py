@@ -30,6 +30,9 @@ def get_config():
     c.rollout.num_prompts = 64   # published: 64 prompts x 16 = 1,024 responses per RL step
     c.rollout.max_new_tokens = 10240
     c.rollout.prompts_per_call = 4
+    # The fixed-batch sampler in calls of prompts_per_call, the path the planner compiles;
+    # the paged engine (rollout.engine=True) is not planned yet.
+    c.rollout.engine = False
     c.grpo.grad_accum = 16       # 128 rows per update in micro-batches of 8 (1 per GPU)
     c.grpo.peak_flops = 989e12   # per GPU, dense bf16 (H100/H200), for MFU
     c.reward.batch_size = 8

@@ -28,6 +28,9 @@ def get_config():
     c.rollout.num_prompts = 64
     c.rollout.max_new_tokens = 10240
     c.rollout.prompts_per_call = 2
+    # The fixed-batch sampler in calls of prompts_per_call, the path the planner compiles;
+    # the paged engine (rollout.engine=True) is not planned yet.
+    c.rollout.engine = False
     c.grpo.grad_accum = 16
     c.grpo.peak_flops = 918e12   # v6e per chip, dense bf16 (v5p: 459e12)
     # The reward's prefill in one pass over prompt + response (16,384 tokens): right-padded
