@@ -21,7 +21,7 @@ from opera_jax.config.runs import parse
 from opera_jax.model import Qwen3Config
 from opera_jax.model import attention as A
 from opera_jax.plan import gpu_target, plan, tpu_target
-from opera_jax.plan.report import tree_bytes
+from opera_jax.plan.report import _exhausted_bytes, tree_bytes
 from opera_jax.plan.targets import GiB, TargetError
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
@@ -203,3 +203,12 @@ def test_tpu_kernels_compile_for_a_real_topology():
             sds((b, 1), jnp.int32, "data")).compile()
     for compiled in (window, decode):
         assert "tpu_custom_call" in compiled.as_text()
+
+
+def test_a_compile_refused_for_memory_reads_the_temporaries_it_names():
+    target = gpu_target(1, 80)
+    message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+               "temporaries (37.43G) exceeds available HBM (31.25G).")
+    assert _exhausted_bytes(message, target) == int(37.43 * 2 ** 30)
+    assert _exhausted_bytes("temporaries (512.5M) exceed", target) == int(512.5 * 2 ** 20)
+    assert _exhausted_bytes("RESOURCE_EXHAUSTED: no figure", target) == 80 * 2 ** 30

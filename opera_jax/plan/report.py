@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
 
 import jax
@@ -78,21 +79,42 @@ def compile_program(p: Program, stage: Stage, target: Target) -> Compiled:
     """Lowers and compiles `p` for the target's devices (under the stage's activation mesh and
     the target's attention platform) and reads its memory and cost analyses."""
     t0 = time.perf_counter()
+    live = sum(tree_bytes(stage.resident[k]) for k in p.live)
     with sh.activation_mesh(stage.mesh), attention.for_platform(
             target.platform, stand_in=target.estimate):
-        compiled = p.fn.lower(*p.args, **p.kwargs).compile()
+        lowered = p.fn.lower(*p.args, **p.kwargs)
+        try:
+            compiled = lowered.compile()
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            # The TPU compiler refuses a program whose temporaries exceed HBM: it does not
+            # fit, and the message says by how much.
+            return Compiled(name=p.name, shapes=f"{p.shapes} (compile refused: out of HBM)",
+                            arguments=tree_bytes(p.args),
+                            outputs=0, aliased=0, temporaries=_exhausted_bytes(str(e), target),
+                            live=live, flops=0.0, bytes_accessed=0.0, calls=p.calls,
+                            compile_s=time.perf_counter() - t0)
     elapsed = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis() or {}
     if isinstance(cost, (list, tuple)):  # older jax: one dict per partition
         cost = cost[0] if cost else {}
-    live = sum(tree_bytes(stage.resident[k]) for k in p.live)
     return Compiled(name=p.name, shapes=p.shapes, arguments=mem.argument_size_in_bytes,
                     outputs=mem.output_size_in_bytes, aliased=mem.alias_size_in_bytes,
                     temporaries=mem.temp_size_in_bytes, live=live,
                     flops=float(cost.get("flops", 0.0)) * p.loop_trips,
                     bytes_accessed=float(cost.get("bytes accessed", 0.0)) * p.loop_trips,
                     calls=p.calls, compile_s=elapsed)
+
+
+def _exhausted_bytes(message: str, target: Target) -> int:
+    """The temporaries a RESOURCE_EXHAUSTED compile error names ("... HLO temporaries (37.43G)
+    exceeds available HBM ..."), or the whole HBM when it names none: over budget either way."""
+    found = re.search(r"temporaries \(([\d.]+)([KMGT])\)", message)
+    if found is None:
+        return target.hbm_bytes
+    return int(float(found.group(1)) * 1024 ** " KMGT".index(found.group(2)))
 
 
 def gib(n: float) -> str:
