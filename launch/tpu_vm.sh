@@ -25,10 +25,10 @@ git -C "$REPO" archive --format=tar.gz -o "$ARCHIVE" HEAD
 "${TPU[@]}" scp "$ARCHIVE" "$NAME":opera_jax.tar.gz --zone "$ZONE" --worker=all
 "${TPU[@]}" ssh "$NAME" --zone "$ZONE" --worker=all --command "set -e
   rm -rf ~/opera_jax && mkdir -p ~/opera_jax && tar -xzf ~/opera_jax.tar.gz -C ~/opera_jax
-  [ -x ~/venv/bin/python ] || python3 -m venv ~/venv
-  ~/venv/bin/pip install -q -e \"\$HOME/opera_jax[tpu]\""
+  [ -x ~/opera_env/bin/python ] || python3 -m venv ~/opera_env  # the VM's own environment
+  ~/opera_env/bin/pip install -q -e \"\$HOME/opera_jax[tpu]\""
 # The remote shell parses the command again: every user value goes in shell-quoted (%q).
 CONFIG_Q=$(printf '%q' "$CONFIG")
 ARGS=$(printf ' %q' "$@")
 "${TPU[@]}" ssh "$NAME" --zone "$ZONE" --worker=all --command \
-  "cd ~/opera_jax && OPERA_MULTIHOST=1 ~/venv/bin/python -m opera_jax.train --config=$CONFIG_Q$ARGS"
+  "cd ~/opera_jax && OPERA_MULTIHOST=1 ~/opera_env/bin/python -m opera_jax.train --config=$CONFIG_Q$ARGS"
