@@ -15,13 +15,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import dataclasses
+
 from opera_jax import sharding as sh
 from opera_jax.cli import load_config_file
 from opera_jax.config.runs import parse
 from opera_jax.model import Qwen3Config
+from opera_jax.model import config as model_config
 from opera_jax.model import attention as A
-from opera_jax.plan import gpu_target, plan, tpu_target
-from opera_jax.plan.report import _exhausted_bytes, tree_bytes
+from opera_jax.plan import Program, Stage, gpu_target, plan, tpu_target
+from opera_jax.plan.report import _exhausted_bytes, compile_program, tree_bytes
 from opera_jax.plan.targets import GiB, TargetError
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
@@ -86,6 +89,25 @@ def test_sft_plan_bytes_match_hand_computation():
     # Forward + backward FLOPs per device: at least 3 x forward of the model's matmuls.
     tokens = 8 * 128 / 4
     assert step.flops >= 0.9 * 3 * tokens * 2 * (cfg.num_params - cfg.vocab_size * cfg.hidden_size)
+
+
+def test_gpu_estimate_keeps_remat(monkeypatch):
+    """The CPU compiler drops jax.checkpoint's barriers unless told not to, and CSE then
+    merges the recomputation into the forward pass: remat=True compiled to the same
+    temporaries as remat=False (the 8B update read 257 GiB instead of 72). With remat the
+    backward keeps one layer's activations, not all eight."""
+    wide = dataclasses.replace(Qwen3Config.preset("tiny"), num_hidden_layers=8, hidden_size=256,
+                               intermediate_size=768)
+    monkeypatch.setitem(model_config.PRESETS, "tiny-8x256", wide)
+    temps = {}
+    for remat in (False, True):
+        run = _sft_tiny(**{"model.preset": "tiny-8x256", "model.remat": remat,
+                           "sft.batch_size": 2, "sft.seq_len": 1024, "sft.grad_accum": 1})
+        (step,) = plan(run, gpu_target(1, hbm_gb=8)).results
+        temps[remat] = step.temporaries
+    # Without remat: 8 layers x 2,048 tokens x ~20 float32 activations of 256-768 values.
+    assert temps[False] > 300 * 2 ** 20
+    assert temps[True] < 0.5 * temps[False], temps
 
 
 @pytest.mark.slow  # the default suite stays under ~10 min on 2 cores
@@ -203,6 +225,34 @@ def test_tpu_kernels_compile_for_a_real_topology():
             sds((b, 1), jnp.int32, "data")).compile()
     for compiled in (window, decode):
         assert "tpu_custom_call" in compiled.as_text()
+
+
+@pytest.mark.slow
+@needs_libtpu
+def test_tpu_decode_kernel_compiles_on_one_chip():
+    """On a one-chip target nothing runs under shard_map, and Mosaic's lowering asks the
+    default device (here the CPU) for the chip's generation: the planner makes the target's
+    device the default while it compiles (before: "Unsupported TPU device kind: cpu")."""
+    target = tpu_target("v6e-1")
+    mesh = jax.sharding.Mesh(np.array(target.devices()).reshape(1, 1, 1),
+                             ("data", "fsdp", "tensor"))
+    spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    sds = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=spec)  # noqa: E731
+    b, n, kh, h, s = 4, 16, 8, 128, 1024
+
+    @jax.jit
+    def decode(q, k, v, a, c, slots):
+        return A.attention(q, k, v, q_segment_ids=a, kv_segment_ids=c, q_slots=slots,
+                           kv_slots=jnp.arange(s)[None], impl="splash", q_offset=None)
+
+    args = (sds((b, 1, n, h), jnp.bfloat16), sds((b, s, kh, h), jnp.bfloat16),
+            sds((b, s, kh, h), jnp.bfloat16), sds((b, 1), jnp.int32), sds((b, s), jnp.int32),
+            sds((b, 1), jnp.int32))
+    stage = Stage("decode", {}, [], [], mesh)
+    with jax.default_matmul_precision("default"):
+        result = compile_program(Program("decode", "one step", decode, args), stage, target)
+    # The cache (2 x 4 x 1,024 x 8 x 128 bf16 = 16 MiB) is among the arguments.
+    assert result.arguments >= 2 * b * s * kh * h * 2
 
 
 def test_a_compile_refused_for_memory_reads_the_temporaries_it_names():

@@ -18,8 +18,12 @@ and it has neither cuDNN nor Triton: attention runs `model/blockwise.py`, the fl
 XLA loops, whose memory (no T x S scores; q, k, v, output and log-sum-exp saved for the
 backward pass) is that of the fused kernels; its FLOPs count one key block (XLA counts a loop
 body once), so attention FLOPs are undercounted. Arguments and outputs are exact; the
-temporaries are the CPU compiler's buffer assignment, not measured against a GPU yet
-(benchmarks/gpu_suite.py's memory part makes that comparison on an H200).
+temporaries are the CPU compiler's buffer assignment, which runs high: it computes bf16 matmuls
+in float32 (their operands and results are float32 buffers) and all-gathers fsdp weights before
+casting them. The compile keeps jax.checkpoint's barriers (`ESTIMATE_OPTIONS`), without which the
+CPU compiler undoes remat. Not measured against a GPU yet (benchmarks/gpu_suite.py's memory
+part makes that comparison on an H200); benchmarks/RESULTS.md compares it with the TPU
+compiler's figures for the same programs and mesh.
 """
 
 from __future__ import annotations
@@ -35,6 +39,13 @@ from opera_jax import sharding as sh
 from opera_jax.model import attention
 from opera_jax.plan.programs import Program, Stage
 from opera_jax.plan.targets import GiB, Target
+
+
+# The CPU compiler drops jax.checkpoint's optimization barriers early (its
+# "cse_barrier_expander" pass), after which CSE merges the backward pass's recomputation with
+# the forward pass: remat is silently undone, and a GPU estimate would keep every layer's
+# activations. Keeping the barriers (as XLA:GPU and XLA:TPU do) keeps remat.
+ESTIMATE_OPTIONS = {"xla_disable_hlo_passes": "cse_barrier_expander"}
 
 
 @dataclasses.dataclass
@@ -80,11 +91,14 @@ def compile_program(p: Program, stage: Stage, target: Target) -> Compiled:
     the target's attention platform) and reads its memory and cost analyses."""
     t0 = time.perf_counter()
     live = sum(tree_bytes(stage.resident[k]) for k in p.live)
+    # Pallas's TPU lowering asks the default device for the chip's tiling and generation;
+    # here that is the CPU, so the target's first device is made the default while lowering.
+    default = stage.mesh.devices.flat[0] if target.platform == "tpu" else None
     with sh.activation_mesh(stage.mesh), attention.for_platform(
-            target.platform, stand_in=target.estimate):
+            target.platform, stand_in=target.estimate), jax.default_device(default):
         lowered = p.fn.lower(*p.args, **p.kwargs)
         try:
-            compiled = lowered.compile()
+            compiled = lowered.compile(ESTIMATE_OPTIONS if target.estimate else None)
         except jax.errors.JaxRuntimeError as e:
             if "RESOURCE_EXHAUSTED" not in str(e):
                 raise
