@@ -153,6 +153,21 @@ def test_cli_too_small_target_exits_1_with_advice():
     assert "advice:" in out.stdout
 
 
+def test_advice_never_asks_for_fewer_rows_than_batch_shards():
+    small = gpu_target(2, hbm_gb=0.002)
+    roomy = plan(_sft_tiny(**{"sft.batch_size": 8, "sft.grad_accum": 1, "sft.seq_len": 256}),
+                 small)
+    assert not roomy.fits
+    assert any("sft.grad_accum=2" in a for a in roomy.verdict.advice), roomy.verdict.advice
+    # 2 rows on 2 devices: grad_accum=2 would leave a device without a row (the trainer
+    # refuses it), so the advice names what can still change.
+    tight = plan(_sft_tiny(**{"sft.batch_size": 2, "sft.grad_accum": 1, "sft.seq_len": 256}),
+                 small)
+    assert not tight.fits
+    (line,) = [a for a in tight.verdict.advice if "needs" in a]
+    assert "grad_accum" not in line and "already 2 rows over 2 batch shards" in line
+
+
 @pytest.mark.parametrize("args", [["--topology=v9-8"], ["--gpus=2"], [],
                                   ["--gpus=2", "--hbm_gb=8", "--config.sft.batch_size=3"]])
 def test_cli_bad_input_exits_2(args):

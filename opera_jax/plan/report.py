@@ -205,10 +205,22 @@ def _advice(stage: Stage, worst: Compiled | None, target: Target, run, budget: i
     elif name in ("update", "old_logprobs", "ref_logprobs", "train_step"):
         if not model.remat:
             out.append("model.remat=True (rematerialise each layer in the backward pass)")
-        accum = "grpo.grad_accum" if name != "train_step" else "sft.grad_accum"
-        cur = run.grpo.grad_accum if name != "train_step" else run.sft.grad_accum
-        out.append(f"{worst.name} needs {gib(over)} GiB more: smaller micro-batches "
-                   f"({accum}={cur * 2}) or more fsdp devices")
+        if name == "train_step":
+            accum, cur, rows = "sft.grad_accum", run.sft.grad_accum, run.sft.batch_size
+            splits = cur
+        else:
+            accum, cur = "grpo.grad_accum", run.grpo.grad_accum
+            rows = run.rollout.num_prompts * run.rollout.n
+            splits = cur * run.grpo.num_minibatches
+        shards = stage.mesh.shape["data"] * stage.mesh.shape["fsdp"]
+        if rows // (splits * 2) >= shards and rows % (splits * 2) == 0:
+            out.append(f"{worst.name} needs {gib(over)} GiB more: smaller micro-batches "
+                       f"({accum}={cur * 2}) or more fsdp devices")
+        else:  # halving the micro-batch would leave a batch shard without a row
+            out.append(f"{worst.name} needs {gib(over)} GiB more: its micro-batch is already "
+                       f"{rows // splits} rows over {shards} batch shards, so shorter rows "
+                       f"(sequence length), tensor parallelism (mesh.tensor) or a larger "
+                       f"target")
     elif name == "reward":
         out.append(f"reward needs {gib(over)} GiB more: reward.batch_size="
                    f"{max(1, run.reward.batch_size // 2)}, reward.contexts_per_step="
