@@ -191,3 +191,24 @@ def test_model_with_flash_samples_and_scores_like_xla():
     got = reference_logprobs(_model("flash"), [seq], [[7, 8, 9, 10]], contexts, config=config)
     want = naive_reference_logprobs(_model("xla"), [seq], [[7, 8, 9, 10]], contexts)
     np.testing.assert_allclose(got[0], want[0], atol=1e-4)
+
+
+@pytest.mark.slow
+def test_reward_kernel_on_tpu_kernels_equals_naive(caplog):
+    """The reward kernel routed as on a TPU (splash, interpreted), its prefill in 3 chunks:
+    each chunk's offset is static (chunks unrolled), so splash takes the prefill too, with no
+    fallback logged, and the LPs equal the naive xla computation."""
+    A._warn_once.cache_clear()
+    seq = list(range(3, 43))
+    contexts = [[Context(10), Context(25), Context(40)]]
+    config = RewardConfig(batch_size=1, contexts_per_step=2, cache_windows=2, min_bucket=16,
+                          prefill_chunk=16)
+    with caplog.at_level(logging.WARNING, logger="opera_jax.model.attention"), \
+            A.for_platform("tpu", interpret=True):
+        got = reference_logprobs(_model("splash", head_dim=128), [seq], [[7, 8, 9, 10]],
+                                 contexts, config=config)
+    jax.clear_caches()  # traces made for the TPU route
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
+    want = naive_reference_logprobs(_model("xla", head_dim=128), [seq], [[7, 8, 9, 10]],
+                                    contexts)
+    np.testing.assert_allclose(got[0], want[0], atol=1e-4)

@@ -19,9 +19,12 @@ Call shapes (`Layout`, static, from the caller) and the backend each takes:
   | right-padded rows (one sequence + pad) | cuDNN with per-row seq lengths  | splash with segment ids   |
   | packed rows, left padding (prefill)    | Pallas flash (flash_gpu.py)     | splash with segment ids   |
   | cached, static offset (reward windows) | Pallas flash                    | splash, causal at offset  |
-  | cached, traced offset (chunked prefill)| Pallas flash                    | xla (logged)              |
+  | cached, traced offset                  | Pallas flash                    | xla (logged) [1]          |
   | decode, T = 1 against the cache        | Pallas flash (G heads a block)  | decode kernel (decode_tpu)|
   | a dense `mask`                         | xla                             | xla                       |
+
+[1] The reward kernel's chunked prefill unrolls its chunks on a TPU, so their offsets are
+static and splash takes them; a traced offset (a `lax.scan` over chunks) would come here.
 
 Backends: "xla" (the reference: einsums, float32 softmax, any mask, everywhere), "cudnn" (the
 GPU path above), "flash" (the Pallas GPU kernel for every call shape), "splash" (the TPU path

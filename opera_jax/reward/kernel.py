@@ -40,6 +40,7 @@ import numpy as np
 from flax import nnx
 
 from opera_jax.model import KVCache
+from opera_jax.model import attention
 from opera_jax.reward.config import RewardConfig
 from opera_jax.buckets import bucket_size, round_up
 from opera_jax.reward.contexts import Context
@@ -168,6 +169,12 @@ def lp_kernel(graphdef, state, tokens, lengths, reference, ref_lengths, ctx_row,
         # call shape fused kernels take whole (cuDNN with per-row lengths, splash).
         _, cache = model(tokens[0], segment_ids=seg[0], cache=cache.replace(end=0),
                          return_hidden=True, right_padded=True)
+    elif attention.target_platform() == "tpu":
+        # Splash needs each chunk's offset static: the chunks unrolled, offsets Python ints
+        # (a scan's traced offset would send the prefill to XLA attention).
+        for i in range(n_chunks):
+            _, cache = model(tokens[i], segment_ids=seg[i], cache=cache.replace(end=i * chunk),
+                             return_hidden=True)
     else:
         cache, _ = jax.lax.scan(prefill, cache, (tokens, seg))
 
