@@ -37,7 +37,7 @@ from opera_jax.config import sections as S
 from opera_jax.config.runs import GRPORun, SFTRun
 from opera_jax.reward import Scorer
 from opera_jax.reward.contexts import Context
-from opera_jax.reward.kernel import lp_kernel, pack_inputs
+from opera_jax.reward.kernel import batch_shards, lp_kernel, pack_inputs
 from opera_jax.sampling import filters, loop
 from opera_jax.train import grpo, sft
 from opera_jax.train import state as state_lib
@@ -263,7 +263,8 @@ def _reward(graphdef, params, mesh, scoring, *, seq_len: int, prompt_len: int,
     references = [[1] * assume.reference_tokens] * scoring.batch_size
     cuts = np.linspace(prompt_len + 1, seq_len, k + 2).astype(int)
     contexts = [[Context(int(c)) for c in cuts]] * scoring.batch_size
-    packed, windows, _ = pack_inputs(sequences, references, contexts, scoring)
+    shards = batch_shards(mesh)
+    packed, windows, _ = pack_inputs(sequences, references, contexts, scoring, shards=shards)
     args = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P()))
             for x in packed]
     temperature = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, P()))
@@ -272,5 +273,6 @@ def _reward(graphdef, params, mesh, scoring, *, seq_len: int, prompt_len: int,
     return Program("reward", f"{b} responses x {chunks * chunk} tokens, {steps} x {per_step} "
                    f"contexts of {packed[2].shape[1]} reference tokens, windows {windows}",
                    lp_kernel, (graphdef, params, *args, temperature),
-                   {"windows": windows, "logprob_chunk": scoring.logprob_chunk},
+                   {"windows": windows, "logprob_chunk": scoring.logprob_chunk,
+                    "shards": shards},
                    live=live, calls=calls, loop_trips=steps)

@@ -44,7 +44,7 @@ from opera_jax.model import attention
 from opera_jax.reward.config import RewardConfig
 from opera_jax.buckets import bucket_size, round_up
 from opera_jax.reward.contexts import Context
-from opera_jax.sharding import to_host
+from opera_jax.sharding import constrain, current_mesh, to_host
 
 # Traces of the jitted kernel (a test checks that equal bucket sizes do not retrace).
 TRACE_COUNT: collections.Counter = collections.Counter()
@@ -74,11 +74,15 @@ def reference_logprobs(model, sequences: Sequence[Sequence[int]],
         if not any(contexts[sl]):
             out.extend(np.zeros((0,), np.float32) for _ in contexts[sl])
             continue
-        packed, windows, order = pack_inputs(sequences[sl], references[sl], contexts[sl], config)
-        lp_sorted = lp_kernel(graphdef, state, *packed, temperature, windows=windows,
-                            logprob_chunk=config.logprob_chunk)
-        lp = np.empty((len(order),), np.float32)
-        lp[order] = np.asarray(to_host(lp_sorted), np.float32)[:len(order)]
+        shards = batch_shards(current_mesh())
+        packed, windows, index = pack_inputs(sequences[sl], references[sl], contexts[sl], config,
+                                             shards=shards)
+        lp_packed = np.asarray(to_host(lp_kernel(
+            graphdef, state, *packed, temperature, windows=windows,
+            logprob_chunk=config.logprob_chunk, shards=shards)), np.float32)
+        lp = np.empty((sum(map(len, contexts[sl])),), np.float32)
+        real = index >= 0
+        lp[index[real]] = lp_packed[real]
         pos = 0
         for ctx in contexts[sl]:
             out.append(lp[pos:pos + len(ctx)])
@@ -86,15 +90,28 @@ def reference_logprobs(model, sequences: Sequence[Sequence[int]],
     return out
 
 
-def pack_inputs(sequences, references, contexts, config: RewardConfig):
+def batch_shards(mesh) -> int:
+    """How many ways the kernel splits its responses on `mesh`: the devices of its batch axes
+    (data × fsdp; 1 without a mesh). A call's rows are padded to a multiple of it."""
+    if mesh is None or mesh.size == 1:
+        return 1
+    return int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
+
+
+def pack_inputs(sequences, references, contexts, config: RewardConfig, *, shards: int = 1):
     """Host side of one call: inputs padded to bucket sizes, contexts sorted into steps.
 
+    With `shards` > 1 the responses are split into that many equal groups (the devices of the
+    batch axis, group j on device j) and every step takes the same number of contexts from
+    each group, each group's own contexts sorted by length: a context reads only its device's
+    part of the KV cache, which stays sharded (see `lp_kernel`).
+
     Returns:
-      (the kernel's array arguments, the static window sizes, the context order: the kernel's
-      i-th LP belongs to context order[i] of the call, counted sample by sample).
+      (the kernel's array arguments, the static window sizes, index: for each LP the kernel
+      returns, the context it belongs to, counted sample by sample, or -1 for padding).
     """
     per = config.buckets_per_octave
-    b = bucket_size(len(sequences), 1, per)
+    b = round_up(bucket_size(len(sequences), 1, per), shards)
     p = bucket_size(max(len(s) for s in sequences), config.min_bucket, per)
     # Equal prefill chunks of at most `prefill_chunk` tokens (multiples of 8) covering p.
     n_chunks = -(-p // config.prefill_chunk)
@@ -105,33 +122,47 @@ def pack_inputs(sequences, references, contexts, config: RewardConfig):
     lengths = np.zeros((b,), np.int32)
     reference = np.zeros((b, r), np.int32)
     ref_lengths = np.zeros((b,), np.int32)
-    rows, visible, first = [], [], []
+    group = b // shards
+    # Per group: (context number, row, visible slots, first token) of each of its contexts.
+    groups: list[list[tuple[int, int, int, int]]] = [[] for _ in range(shards)]
+    number = 0
     for i, (seq, ref, ctx) in enumerate(zip(sequences, references, contexts)):
         tokens[i, :len(seq)] = seq
         lengths[i] = len(seq)
         reference[i, :len(ref)] = ref
         ref_lengths[i] = len(ref)
         for c in ctx:
-            rows.append(i)
             if c.extra_token is None:  # last context token is seq[prefix_len - 1]
-                visible.append(c.prefix_len - 1)
-                first.append(seq[c.prefix_len - 1])
+                entry = (c.prefix_len - 1, seq[c.prefix_len - 1])
             else:  # the whole prefix is visible, the extra token comes first
-                visible.append(c.prefix_len)
-                first.append(c.extra_token)
-    # Contexts in order of visible length, so each step's window fits its contexts tightly.
-    order = np.argsort(np.asarray(visible), kind="stable")
-    n = len(order)
+                entry = (c.prefix_len, c.extra_token)
+            groups[i // group].append((number, i, *entry))
+            number += 1
+    # Each group's contexts in order of visible length, so each step's window fits tightly.
+    for g in groups:
+        g.sort(key=lambda e: e[2])  # stable: ties keep their order
+    n = number
     per_step = min(config.contexts_per_step, 1 << max(0, (n - 1).bit_length()))
-    steps = bucket_size(-(-n // per_step), 1, per)
-    pad = steps * per_step - n
-    ctx_arrays = [np.concatenate([np.asarray(x, np.int32)[order], np.zeros(pad, np.int32)])
-                  .reshape(steps, per_step) for x in (rows, visible, first)]
+    local = max(1, per_step // shards)  # contexts per group per step
+    steps = bucket_size(max(1, max(-(-len(g) // local) for g in groups)), 1, per)
+    # [steps, shards, local] of (context number or -1, row, visible, first); padding reads
+    # its own group's first row with nothing visible.
+    packed = np.zeros((steps, shards, local, 4), np.int64)
+    packed[..., 0] = -1
+    packed[..., 1] = (np.arange(shards) * group)[None, :, None]
+    for j, g in enumerate(groups):
+        if g:
+            flat = packed[:, j].reshape(steps * local, 4)
+            flat[:len(g)] = np.asarray(g, np.int64)
+            packed[:, j] = flat.reshape(steps, local, 4)
+    packed = packed.reshape(steps, shards * local, 4)
+    index = packed[..., 0].reshape(-1)
+    ctx_arrays = [packed[..., k].astype(np.int32) for k in (1, 2, 3)]
     windows = cache_windows(p, config.cache_windows)
     # Smallest window holding every visible slot of the step's contexts.
     window = np.searchsorted(windows, ctx_arrays[1].max(axis=1)).astype(np.int32)
     tokens = tokens.reshape(b, p // chunk, chunk).transpose(1, 0, 2)  # [chunks, B, chunk]
-    return (tokens, lengths, reference, ref_lengths, *ctx_arrays, window), windows, order
+    return (tokens, lengths, reference, ref_lengths, *ctx_arrays, window), windows, index
 
 
 def cache_windows(p: int, count: int) -> tuple[int, ...]:
@@ -140,14 +171,18 @@ def cache_windows(p: int, count: int) -> tuple[int, ...]:
     return tuple(sorted(sizes))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "windows", "logprob_chunk"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "windows", "logprob_chunk", "shards"))
 def lp_kernel(graphdef, state, tokens, lengths, reference, ref_lengths, ctx_row, ctx_visible,
-            ctx_first, ctx_window, temperature, *, windows: tuple[int, ...], logprob_chunk: int):
+            ctx_first, ctx_window, temperature, *, windows: tuple[int, ...], logprob_chunk: int,
+            shards: int = 1):
     """Prefill + reference passes.
 
     Shapes: tokens [C, B, P/C] (prefill chunks); lengths, ref_lengths [B]; reference [B, R];
     ctx_row, ctx_visible, ctx_first [steps, per_step]; ctx_window [steps] (index into
-    `windows`). Returns LP float32 [steps · per_step].
+    `windows`). Returns LP float32 [steps · per_step]. `shards`: as `pack_inputs` was given
+    (the i-th of `shards` equal parts of a step's contexts reads rows of the i-th part of B),
+    so the KV cache stays sharded over the batch axis and each context's rows are gathered
+    on the device that holds them.
     """
     TRACE_COUNT["kernel"] += 1
     model = nnx.merge(graphdef, state)
@@ -163,7 +198,8 @@ def lp_kernel(graphdef, state, tokens, lengths, reference, ref_lengths, ctx_row,
         _, cache = model(toks, segment_ids=sg, cache=cache, return_hidden=True)
         return cache, None
 
-    cache = KVCache.init(model.config, b, p + r, model.dtype)
+    cache = KVCache.init(model.config, b, p + r, model.dtype).map_kv(
+        lambda x: constrain(x, KVCache.LOGICAL_AXES))
     if n_chunks == 1:
         # One pass: right-padded rows from slot 0 with a static start (Python int end), the
         # call shape fused kernels take whole (cuDNN with per-row lengths, splash).
@@ -185,7 +221,7 @@ def lp_kernel(graphdef, state, tokens, lengths, reference, ref_lengths, ctx_row,
     def reference_pass(w, rows, visible, first):
         # Slots [0, w + r) of each context's row; slots >= visible are hidden, and the pass
         # writes its own keys over [w, w + r).
-        ctx_cache = cache.map_kv(lambda x: jnp.take(x[:, :, :w + r], rows, axis=0)).replace(
+        ctx_cache = cache.map_kv(lambda x: _take_rows(x[:, :, :w + r], rows, shards)).replace(
             segment_ids=(jnp.arange(w + r)[None, :] < visible[:, None]).astype(jnp.int32),
             end=w)  # static: the pass's queries sit at slots w .. w + r - 1
         ref, n = reference[rows], ref_lengths[rows]  # [per_step, R], [per_step]
@@ -207,3 +243,17 @@ def lp_kernel(graphdef, state, tokens, lengths, reference, ref_lengths, ctx_row,
 
     _, lp = jax.lax.scan(step, None, (ctx_row, ctx_visible, ctx_first, ctx_window))
     return lp.reshape(-1)
+
+
+def _take_rows(x, rows, shards: int):
+    """x[rows] along axis 0, each of `shards` equal parts of `rows` indexing its own part of
+    x: a gather batched over the parts, which the partitioner keeps on each device (a plain
+    take of arbitrary rows would gather the whole sharded cache to every device)."""
+    if shards == 1:
+        return jnp.take(x, rows, axis=0)
+    b = x.shape[0]
+    parts = constrain(x.reshape(shards, b // shards, *x.shape[1:]),
+                      ("batch",) + (None,) * x.ndim)
+    local = rows.reshape(shards, -1) - (jnp.arange(shards, dtype=rows.dtype) * (b // shards))[:, None]
+    out = jax.vmap(lambda part, i: jnp.take(part, i, axis=0))(parts, local)
+    return out.reshape(-1, *x.shape[1:])
