@@ -1,7 +1,7 @@
 """Ahead-of-time planning: compile every program of a stage for a target, before renting it.
 
     python -m opera_jax.plan --config=configs/grpo_qwen3_8b_tpu.py --topology=v5p-8
-    python -m opera_jax.plan --config=configs/grpo_qwen3_8b_gpu8.py --gpus=8 --hbm_gb=80
+    python -m opera_jax.plan --config=configs/grpo_qwen3_8b_gpu8.py --gpus=8 --hbm_gb=139
 
     result = plan(parse(config), tpu_target("v5p-8"))   # the same from Python
     result.fits, result.peak, result.programs

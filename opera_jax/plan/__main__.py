@@ -7,7 +7,7 @@ change if it does not, and last one JSON line (`fits`, `peak_bytes_per_device`,
 `hbm_bytes_per_device`, `programs`: name -> peak bytes in the stage, …).
 
     python -m opera_jax.plan --config=configs/grpo_qwen3_8b_tpu.py --topology=v5p-8
-    python -m opera_jax.plan --config=configs/grpo_qwen3_8b_gpu8.py --gpus=8 --hbm_gb=80
+    python -m opera_jax.plan --config=configs/grpo_qwen3_8b_gpu8.py --gpus=8 --hbm_gb=139
     python -m opera_jax.plan --config=configs/sft_tiny.py --topology=v5litepod-1 \\
         --config.sft.seq_len=4096
 
@@ -33,7 +33,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("topology", None, "Cloud TPU accelerator type: v4-8, v5p-8, v5p-32, "
                     "v5litepod-1/4/8, v6e-1/4/8, …")
 flags.DEFINE_integer("gpus", None, "plan for this many GPUs (an estimate on CPU devices)")
-flags.DEFINE_float("hbm_gb", None, "GiB of memory per GPU (with --gpus): 80 H100, 141 H200")
+flags.DEFINE_float("hbm_gb", None, "GiB of memory per GPU (with --gpus): 80 H100, 139 H200")
 flags.DEFINE_float("peak_tflops", None, "per-GPU dense bf16 TFLOP/s (default 989: H100/H200)")
 flags.DEFINE_float("margin", 0.1, "share of HBM kept free")
 flags.DEFINE_integer("reference_tokens", Assumptions.reference_tokens,

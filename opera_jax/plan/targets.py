@@ -135,7 +135,8 @@ def tpu_target(name: str) -> Target:
 
 # H100 / H200 SXM dense bf16 and HBM bandwidth; other GPUs: pass --peak_tflops / --hbm_tbps.
 GPU_PEAK_FLOPS = 989e12
-GPU_BANDWIDTH = {80: 3.35e12, 94: 3.9e12, 141: 4.8e12}
+# By memory size (GiB as nvidia-smi reports them): H100 80, H100 NVL 94, H200 139-141.
+GPU_BANDWIDTH = {80: 3.35e12, 94: 3.9e12, 139: 4.8e12, 140: 4.8e12, 141: 4.8e12}
 
 
 def gpu_target(count: int, hbm_gb: float, *, peak_flops: float | None = None,
