@@ -153,6 +153,17 @@ def test_cli_too_small_target_exits_1_with_advice():
     assert "advice:" in out.stdout
 
 
+def test_engine_rollouts_are_planned_as_the_fixed_sampler_and_say_so():
+    c = load_config_file(os.path.join(ROOT, "configs", "grpo_tiny.py"))
+    notes = {}
+    for engine in (True, False):
+        c.rollout.engine = engine
+        result = plan(parse(c), gpu_target(1, hbm_gb=1), only=("prefill",))
+        assert [r.name for r in result.results] == ["prefill"]
+        notes[engine] = [n for n in result.summary()["notes"] if "engine" in n]
+    assert notes[False] == [] and "paged pool" in notes[True][0]
+
+
 def test_advice_never_asks_for_fewer_rows_than_batch_shards():
     small = gpu_target(2, hbm_gb=0.002)
     roomy = plan(_sft_tiny(**{"sft.batch_size": 8, "sft.grad_accum": 1, "sft.seq_len": 256}),

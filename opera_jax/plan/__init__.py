@@ -54,7 +54,7 @@ class Plan:
                 "program_peak_bytes": {r.name: r.peak for r in self.results},
                 "flops_per_call": {r.name: r.flops for r in self.results},
                 "roofline_s_per_call": {r.name: r.seconds(self.target) for r in self.results},
-                "advice": self.verdict.advice}
+                "advice": self.verdict.advice, "notes": self.stage.notes}
 
 
 def plan(run, target: Target, *, margin: float = 0.1, assume: Assumptions = Assumptions(),

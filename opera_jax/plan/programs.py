@@ -202,6 +202,11 @@ def _grpo(run: GRPORun, mesh: Mesh, assume: Assumptions) -> Stage:
     programs.append(Program("update", f"{m} updates x {a} x [{rows // micro}, {seq_len}], "
                             f"remat={model.remat}", fn, (state, batch), live=ref,
                             loop_trips=micro))
+    if r.engine:
+        notes.append("rollout.engine is on: rollouts are planned as the "
+                     "fixed-batch sampler in calls of rollout.prompts_per_call (engine=False "
+                     "runs exactly that); the engine's paged pool takes half the free HBM when "
+                     "it starts, which this plan does not cover")
     notes.append(f"old log-probs: {old_mode.value}; reward scorer: {scoring.scorer.value}; "
                  f"reward assumes a {assume.reference_tokens}-token reference and K = "
                  f"{_segments(scoring, assume)} cuts per response")
