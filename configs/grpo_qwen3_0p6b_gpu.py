@@ -20,8 +20,8 @@ then constant, AdamW (0.9, 0.999), wd 0.01, clip 1.0, KL 0.001 (k3, as a loss), 
 clip 3. Kept here: G 16, 8 updates per step, every loss and optimizer setting. Scaled to one
 GPU: 16 prompts per step (256 responses; 2 prompts × 16 per update, as published per GPU
 group), responses up to 4,096 tokens and prompts up to 1,024, sampled 4 prompts (64 rows) per
-sampler call so the bf16 KV cache stays ~37 GB, 16 micro-batches of 2 rows per update, remat on
-(the planner put micro-batches of 4 at 86 GiB: the float32 logits over 151,936 tokens).
+sampler call so the bf16 KV cache stays ~37 GB, 8 micro-batches of 4 rows per update, remat on
+(the planner puts the update at 31 GiB per device, the sampler's decode at 47 GiB).
 
 Planned ahead of time (an estimate: compiled for a CPU device standing in for the GPU):
 
@@ -43,6 +43,6 @@ def get_config():
     # The fixed-batch sampler in calls of prompts_per_call, the path the planner compiles;
     # the paged engine (rollout.engine=True) is not planned yet.
     c.rollout.engine = False
-    c.grpo.grad_accum = 16       # 32 rows per update in micro-batches of 2 (planned: 4 does not fit 80 GB)
+    c.grpo.grad_accum = 8        # 32 rows per update in micro-batches of 4 (planned: 31 GiB)
     c.grpo.peak_flops = 989e12   # H100 / H200 dense bf16, for MFU
     return c
