@@ -95,6 +95,13 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None = N
     return P(*spec)
 
 
+def batch_shards(mesh: Mesh | None) -> int:
+    """Devices along the logical batch axis (data × fsdp) of `mesh`; 1 without a mesh."""
+    if mesh is None or mesh.size == 1:
+        return 1
+    return math.prod(mesh.shape[a] for a in ("data", "fsdp"))
+
+
 def named_sharding(mesh: Mesh, names: Sequence[str | None], shape: Sequence[int]) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(names, shape, mesh))
 

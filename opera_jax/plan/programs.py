@@ -37,7 +37,7 @@ from opera_jax.config import sections as S
 from opera_jax.config.runs import GRPORun, SFTRun
 from opera_jax.reward import Scorer
 from opera_jax.reward.contexts import Context
-from opera_jax.reward.kernel import batch_shards, lp_kernel, pack_inputs
+from opera_jax.reward.kernel import lp_kernel, pack_inputs
 from opera_jax.sampling import filters, loop
 from opera_jax.train import grpo, sft
 from opera_jax.train import state as state_lib
@@ -268,7 +268,7 @@ def _reward(graphdef, params, mesh, scoring, *, seq_len: int, prompt_len: int,
     references = [[1] * assume.reference_tokens] * scoring.batch_size
     cuts = np.linspace(prompt_len + 1, seq_len, k + 2).astype(int)
     contexts = [[Context(int(c)) for c in cuts]] * scoring.batch_size
-    shards = batch_shards(mesh)
+    shards = sh.batch_shards(mesh)
     packed, windows, _ = pack_inputs(sequences, references, contexts, scoring, shards=shards)
     args = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P()))
             for x in packed]

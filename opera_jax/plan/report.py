@@ -212,7 +212,7 @@ def _advice(stage: Stage, worst: Compiled | None, target: Target, run, budget: i
             accum, cur = "grpo.grad_accum", run.grpo.grad_accum
             rows = run.rollout.num_prompts * run.rollout.n
             splits = cur * run.grpo.num_minibatches
-        shards = stage.mesh.shape["data"] * stage.mesh.shape["fsdp"]
+        shards = sh.batch_shards(stage.mesh)
         if rows // (splits * 2) >= shards and rows % (splits * 2) == 0:
             out.append(f"{worst.name} needs {gib(over)} GiB more: smaller micro-batches "
                        f"({accum}={cur * 2}) or more fsdp devices")

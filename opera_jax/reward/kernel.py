@@ -44,7 +44,7 @@ from opera_jax.model import attention
 from opera_jax.reward.config import RewardConfig
 from opera_jax.buckets import bucket_size, round_up
 from opera_jax.reward.contexts import Context
-from opera_jax.sharding import constrain, current_mesh, to_host
+from opera_jax.sharding import batch_shards, constrain, current_mesh, to_host
 
 # Traces of the jitted kernel (a test checks that equal bucket sizes do not retrace).
 TRACE_COUNT: collections.Counter = collections.Counter()
@@ -88,14 +88,6 @@ def reference_logprobs(model, sequences: Sequence[Sequence[int]],
             out.append(lp[pos:pos + len(ctx)])
             pos += len(ctx)
     return out
-
-
-def batch_shards(mesh) -> int:
-    """How many ways the kernel splits its responses on `mesh`: the devices of its batch axes
-    (data × fsdp; 1 without a mesh). A call's rows are padded to a multiple of it."""
-    if mesh is None or mesh.size == 1:
-        return 1
-    return int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
 
 
 def pack_inputs(sequences, references, contexts, config: RewardConfig, *, shards: int = 1):
