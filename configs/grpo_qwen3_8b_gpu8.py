@@ -1,4 +1,5 @@
-"""GRPO of Qwen3-8B on one 8-GPU H200 node (141 GB, ~139 GiB usable each) with the published OPERA settings.
+"""GRPO of Qwen3-8B with the published OPERA settings on one 8-GPU H200 node (141 GB each,
+~139 GiB usable).
 
     launch/gpu_node.sh configs/grpo_qwen3_8b_gpu8.py \\
         --config.model.hf_dir=/ckpt/Qwen3-8B-sft --config.data.path=/data/opera/rl_prompts.jsonl \\

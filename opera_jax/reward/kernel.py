@@ -246,6 +246,7 @@ def _take_rows(x, rows, shards: int):
     b = x.shape[0]
     parts = constrain(x.reshape(shards, b // shards, *x.shape[1:]),
                       ("batch",) + (None,) * x.ndim)
-    local = rows.reshape(shards, -1) - (jnp.arange(shards, dtype=rows.dtype) * (b // shards))[:, None]
+    first_row = jnp.arange(shards, dtype=rows.dtype) * (b // shards)  # of each part
+    local = rows.reshape(shards, -1) - first_row[:, None]
     out = jax.vmap(lambda part, i: jnp.take(part, i, axis=0))(parts, local)
     return out.reshape(-1, *x.shape[1:])
